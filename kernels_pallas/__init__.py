@@ -1,0 +1,1 @@
+"""Pallas kernels of bebop-jax, each beside its pure-jnp reference."""

@@ -1,0 +1,280 @@
+"""Verification of K speculative drafts against the target: exactly lossless rejection sampling.
+
+Implements DESIGN.md "Speculative rollout". One verify step of sequence b has drafts d_1..d_K, the draft
+distributions q_1..q_K they were sampled from (q_k conditioned on d_<k) and the target distributions
+p_1..p_{K+1} of one forward over [last token, d_1..d_K] (p_k conditioned on d_<k). Three rules, all
+emitting 1..K+1 tokens distributed exactly as sampling sequentially from p:
+
+- `rejection` (Leviathan et al. 2023): accept d_k while `u_k <= min(1, p_k(d_k) / q_k(d_k))`; at the
+  first rejection emit a token from norm(max(p_k - q_k, 0)), after K acceptances a bonus from p_{K+1}.
+- `greedy_draft`: the drafts are argmax q_k, so q_k is taken one-hot at d_k: accept with probability
+  p_k(d_k); the residual is p_k with d_k removed. draft_probs is only validated.
+- `block` (Sun et al., "Block Verification Accelerates Speculative Decoding", ICLR 2025, Algorithm 2):
+  with w_0 = 1 and w_i = min(w_{i-1} p_i(d_i) / q_i(d_i), 1), the residual after i accepted drafts is
+  res_i = max(w_i p_{i+1} - q_{i+1}, 0) with mass Z_i, and h_i = Z_i / (Z_i + 1 - w_i) for i < K,
+  h_K = w_K. The number accepted is the largest i with u_i <= h_i (0 if none); then a token from
+  norm(res_i), or the bonus from p_{K+1} when i = K. Never fewer accepted drafts in expectation than
+  `rejection`, and the same decisions at temperature 0.
+
+Sampling never normalises: a token from norm(r) is argmax(r / E) with E ~ Exp(1) i.i.d. per entry (the
+exponential race). Where r is all zero (p == q numerically), the token comes from p instead. All
+randomness is drawn in the wrapper from `key`, identically for both implementations, so the jnp
+reference and the Pallas kernel return identical tokens: u[B,K] ~ U[tiny, 1) (never 0, so an accept
+test `u <= 0` fails and temperature 0 is exact greedy) and E = -log U[tiny, 1) in (0, 87.4].
+
+The O(B*K) decisions are shared jnp code; the vocabulary-wide work (residual masses and races, one
+pass over V) is `_residual_race_reference` (jnp) or `_residual_race_pallas` (kernel: grid over batch
+rows x vocab blocks). Left out on purpose: gradients (sampling is not differentiable, so no
+custom_vjp), top-k / top-p (callers pass already filtered probabilities), several sequences per grid
+step (one row per step keeps the kernel simple; a TPU tuning knob for later).
+
+Shape letters: B batch, K drafts, R = K+1 target positions, V vocab, Vp padded vocab, Vb vocab block.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+MODES = ("rejection", "greedy_draft", "block")
+IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret")
+PROB_TOLERANCE = 1e-3
+_LANES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the Pallas kernel: `block_v` vocabulary entries per grid step, a multiple of 128 (the
+    TPU lane width). A vocabulary that is not a multiple is padded with zero probabilities."""
+
+    block_v: int = 2048
+
+    def __post_init__(self):
+        if not isinstance(self.block_v, int) or self.block_v <= 0 or self.block_v % _LANES:
+            raise ValueError(
+                f"BlockSizes.block_v: expected a positive multiple of {_LANES}, found {self.block_v!r}")
+
+
+def _draw_noise(key, batch, num_drafts, vocab):
+    """Uniforms u[B,K] in [tiny, 1) for the accept tests, exponentials E[B,R,V] in (0, 87.4] for the races."""
+    key_u, key_e = jax.random.split(key)
+    tiny = jnp.finfo(jnp.float32).tiny
+    u = jax.random.uniform(key_u, (batch, num_drafts), jnp.float32, minval=tiny)  # [B,K]
+    uniform_e = jax.random.uniform(key_e, (batch, num_drafts + 1, vocab), jnp.float32, minval=tiny)
+    return u, -jnp.log(uniform_e)  # [B,K], [B,R,V]
+
+
+def _prefix_weights(mode, p_draft, q_draft):
+    """w[B,R]: block's w_0 = 1, w_i = min(w_{i-1} p_i(d_i) / q_i(d_i), 1); all ones in the other modes."""
+    if mode != "block":
+        return jnp.ones((p_draft.shape[0], p_draft.shape[1] + 1), jnp.float32)
+
+    def step(w, pq):  # w[B]
+        p, q = pq
+        w_p = w * p
+        w = jnp.where(w_p >= q, 1.0, w_p / jnp.where(q > 0, q, 1.0))
+        return w, w
+
+    w0 = jnp.ones(p_draft.shape[:1], jnp.float32)
+    _, ws = jax.lax.scan(step, w0, (p_draft.T, q_draft.T))  # [K,B]
+    return jnp.concatenate([w0[:, None], ws.T], axis=1)  # [B,R]
+
+
+def _draft_rows(mode, draft_tokens, draft_probs):
+    """q[B,R,V] the race subtracts at each position: q_1..q_K (one-hot at d_k in greedy_draft), then 0."""
+    batch, _, vocab = draft_probs.shape
+    if mode == "greedy_draft":
+        return jax.nn.one_hot(_draft_column(draft_tokens)[..., 0], vocab, dtype=jnp.float32)
+    return jnp.concatenate([draft_probs, jnp.zeros((batch, 1, vocab), jnp.float32)], axis=1)
+
+
+def _draft_column(draft_tokens):
+    """d[B,R,1]: the drafts, then -1 (no draft) at the bonus position."""
+    return jnp.pad(draft_tokens, ((0, 0), (0, 1)), constant_values=-1)[..., None]
+
+
+def _residual_race_reference(mode, draft_tokens, scale, draft_probs, target_probs, expo):
+    """Vocabulary pass, jnp. res[B,R,V] = max(scale * p - q, 0) with q from `_draft_rows`.
+
+    Returns z[B,R] = sum_v res and token[B,R] = argmax(res / E), or argmax(p / E) where z == 0.
+    """
+    res = jnp.maximum(scale[..., None] * target_probs - _draft_rows(mode, draft_tokens, draft_probs), 0.0)
+    z = jnp.sum(res, axis=-1)  # [B,R]
+    token = jnp.where(z > 0, jnp.argmax(res / expo, axis=-1), jnp.argmax(target_probs / expo, axis=-1))
+    return z, token.astype(jnp.int32)
+
+
+def _race_step(scores, cols, offset, best_ref, token_ref):
+    """Fold one block's scores[R,Vb] into the running maximum; ties keep the lowest vocabulary index."""
+    best = jnp.max(scores, axis=-1, keepdims=True)  # [R,1]
+    first = jnp.min(jnp.where(scores == best, cols, scores.shape[-1]), axis=-1, keepdims=True)  # [R,1]
+    better = best > best_ref[0]
+    best_ref[0] = jnp.where(better, best, best_ref[0])
+    token_ref[0] = jnp.where(better, first + offset, token_ref[0])
+
+
+def _race_kernel(draft_ref, scale_ref, p_ref, e_ref, *refs, greedy, block_v):
+    """Grid (b, j): rows [1,R,Vb] of sequence b, vocabulary block j. The outputs [1,R,1] stay resident
+    over j and accumulate: residual mass, best residual score and its token, best p / E and its token."""
+    q_ref, (z_ref, best_res_ref, token_res_ref, best_p_ref, token_p_ref) = (
+        (None, refs) if greedy else (refs[0], refs[1:]))
+    j = pl.program_id(1)
+    p = p_ref[0]  # [R,Vb]
+    expo = e_ref[0]  # [R,Vb]
+    cols = jax.lax.broadcasted_iota(jnp.int32, p.shape, 1)  # [R,Vb]
+    q = (cols + j * block_v == draft_ref[0]).astype(jnp.float32) if greedy else q_ref[0]  # [R,Vb]
+    res = jnp.maximum(scale_ref[0] * p - q, 0.0)  # [R,Vb]
+
+    @pl.when(j == 0)
+    def _init():
+        z_ref[0] = jnp.zeros(z_ref.shape[1:], jnp.float32)
+        best_res_ref[0] = jnp.full(best_res_ref.shape[1:], -1.0, jnp.float32)
+        best_p_ref[0] = jnp.full(best_p_ref.shape[1:], -1.0, jnp.float32)
+        token_res_ref[0] = jnp.zeros(token_res_ref.shape[1:], jnp.int32)
+        token_p_ref[0] = jnp.zeros(token_p_ref.shape[1:], jnp.int32)
+
+    z_ref[0] += jnp.sum(res, axis=-1, keepdims=True)
+    _race_step(res / expo, cols, j * block_v, best_res_ref, token_res_ref)
+    _race_step(p / expo, cols, j * block_v, best_p_ref, token_p_ref)
+
+
+def _residual_race_pallas(mode, draft_tokens, scale, draft_probs, target_probs, expo, *, block_sizes, interpret):
+    """Same contract as `_residual_race_reference`, as a Pallas kernel over (batch row, vocab block)."""
+    batch, rows, vocab = target_probs.shape
+    block_v = min(block_sizes.block_v, pl.cdiv(vocab, _LANES) * _LANES)
+    pad = pl.cdiv(vocab, block_v) * block_v - vocab
+    pad_v = ((0, 0), (0, 0), (0, pad))
+    greedy = mode == "greedy_draft"
+    vocab_inputs = [jnp.pad(target_probs, pad_v), jnp.pad(expo, pad_v, constant_values=1.0)]  # [B,R,Vp]
+    if not greedy:
+        vocab_inputs.append(jnp.pad(_draft_rows(mode, draft_tokens, draft_probs), pad_v))
+    row_spec = pl.BlockSpec((1, rows, 1), lambda b, j: (b, 0, 0))
+    vocab_spec = pl.BlockSpec((1, rows, block_v), lambda b, j: (b, 0, j))
+    row_f32 = jax.ShapeDtypeStruct((batch, rows, 1), jnp.float32)
+    row_i32 = jax.ShapeDtypeStruct((batch, rows, 1), jnp.int32)
+    z, _, token_res, _, token_p = pl.pallas_call(
+        functools.partial(_race_kernel, greedy=greedy, block_v=block_v),
+        out_shape=(row_f32, row_f32, row_i32, row_f32, row_i32),
+        grid=(batch, (vocab + pad) // block_v),
+        in_specs=[row_spec, row_spec] + [vocab_spec] * len(vocab_inputs),
+        out_specs=(row_spec,) * 5,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=interpret,
+    )(_draft_column(draft_tokens), scale[..., None], *vocab_inputs)  # outputs [B,R,1]
+    z = z[..., 0]
+    return z, jnp.where(z > 0, token_res[..., 0], token_p[..., 0])
+
+
+def _decide(mode, draft_tokens, p_draft, q_draft, w, z, race_token, u):
+    """The O(B*K) accept logic. Returns tokens[B,R] (-1 after the emitted ones) and num_emitted[B]."""
+    num_drafts = draft_tokens.shape[1]
+    if mode == "block":
+        z_mid, w_mid = z[:, 1:num_drafts], w[:, 1:num_drafts]  # [B,K-1]
+        denom = z_mid + 1.0 - w_mid  # 0 only where z = 0 and w = 1: then h = 1 (the limit Z / Z)
+        h_mid = jnp.where(denom > 0, z_mid / jnp.where(denom > 0, denom, 1.0), 1.0)
+        h = jnp.concatenate([h_mid, w[:, num_drafts:]], axis=1)  # [B,K]
+        num_accepted = jnp.max(jnp.where(u <= h, jnp.arange(1, num_drafts + 1), 0), axis=1)  # [B]
+    else:
+        accept = u * q_draft <= p_draft if mode == "rejection" else u <= p_draft  # [B,K]
+        num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)  # [B]
+    n = num_accepted[:, None]  # [B,1]
+    correction = jnp.take_along_axis(race_token, n, axis=1)  # [B,1]
+    pos = jnp.arange(num_drafts + 1)[None, :]  # [1,R]
+    drafts = jnp.pad(draft_tokens, ((0, 0), (0, 1)))  # [B,R]
+    tokens = jnp.where(pos < n, drafts, jnp.where(pos == n, correction, -1))
+    return tokens.astype(jnp.int32), (num_accepted + 1).astype(jnp.int32)
+
+
+def _sample(draft_tokens, draft_probs, target_probs, key, mode, race):
+    """Noise, prefix weights, the vocabulary pass `race`, decisions: the path both implementations share."""
+    draft_tokens = jnp.asarray(draft_tokens, jnp.int32)
+    draft_probs = jnp.asarray(draft_probs, jnp.float32)
+    target_probs = jnp.asarray(target_probs, jnp.float32)
+    batch, num_drafts = draft_tokens.shape
+    u, expo = _draw_noise(key, batch, num_drafts, target_probs.shape[-1])
+    index = draft_tokens[..., None]  # [B,K,1]
+    p_draft = jnp.take_along_axis(target_probs[:, :num_drafts], index, axis=-1)[..., 0]  # [B,K]
+    q_draft = jnp.take_along_axis(draft_probs, index, axis=-1)[..., 0]  # [B,K]
+    w = _prefix_weights(mode, p_draft, q_draft)  # [B,R]
+    scale = w.at[:, num_drafts].set(1.0)  # the bonus position races plain p_{K+1}
+    z, race_token = race(mode, draft_tokens, scale, draft_probs, target_probs, expo)
+    return _decide(mode, draft_tokens, p_draft, q_draft, w, z, race_token, u)
+
+
+def rejection_sample_reference(draft_tokens, draft_probs, target_probs, key, *, mode="rejection"):
+    """The definition in pure jnp; arguments and results as `rejection_sample`, no validation."""
+    return _sample(draft_tokens, draft_probs, target_probs, key, mode, _residual_race_reference)
+
+
+def _rejection_sample_pallas(draft_tokens, draft_probs, target_probs, key, *, mode="rejection",
+                             block_sizes=BlockSizes(), interpret: bool = False):
+    """`rejection_sample` with the vocabulary pass as a Pallas kernel (interpret=True runs it on CPU)."""
+    race = functools.partial(_residual_race_pallas, block_sizes=block_sizes, interpret=interpret)
+    return _sample(draft_tokens, draft_probs, target_probs, key, mode, race)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "implementation"))
+def _rejection_sample_jit(draft_tokens, draft_probs, target_probs, key, mode, implementation):
+    if implementation == "reference":
+        return rejection_sample_reference(draft_tokens, draft_probs, target_probs, key, mode=mode)
+    return _rejection_sample_pallas(draft_tokens, draft_probs, target_probs, key, mode=mode,
+                                    interpret=implementation == "pallas_interpret")
+
+
+def _validate(draft_tokens, draft_probs, target_probs, mode, implementation):
+    """Raise ValueError naming the bad argument; value checks only on concrete (untraced) arrays."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, found {mode!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, found {implementation!r}")
+    if jnp.ndim(draft_tokens) != 2 or jnp.shape(draft_tokens)[1] < 1:
+        raise ValueError(f"draft_tokens: expected shape [B, K] with K >= 1, found {jnp.shape(draft_tokens)}")
+    if not jnp.issubdtype(jnp.result_type(draft_tokens), jnp.integer):
+        raise ValueError(f"draft_tokens: expected an integer dtype, found {jnp.result_type(draft_tokens)}")
+    batch, num_drafts = jnp.shape(draft_tokens)
+    if jnp.ndim(target_probs) != 3 or jnp.shape(target_probs)[:2] != (batch, num_drafts + 1):
+        raise ValueError(f"target_probs: expected shape [B, K+1, V] = ({batch}, {num_drafts + 1}, V) "
+                         f"(B, K from draft_tokens), found {jnp.shape(target_probs)}")
+    vocab = jnp.shape(target_probs)[2]
+    if jnp.shape(draft_probs) != (batch, num_drafts, vocab):
+        raise ValueError(f"draft_probs: expected shape [B, K, V] = {(batch, num_drafts, vocab)} "
+                         f"(B, K from draft_tokens, V from target_probs), found {jnp.shape(draft_probs)}")
+    for name, probs in (("draft_probs", draft_probs), ("target_probs", target_probs)):
+        if not jnp.issubdtype(jnp.result_type(probs), jnp.floating):
+            raise ValueError(f"{name}: expected a floating dtype, found {jnp.result_type(probs)}")
+    if any(isinstance(x, jax.core.Tracer) for x in (draft_tokens, draft_probs, target_probs)):
+        return
+    low, high = int(jnp.min(draft_tokens)), int(jnp.max(draft_tokens))
+    if low < 0 or high >= vocab:
+        raise ValueError(f"draft_tokens: expected ids in [0, {vocab}), found ids in [{low}, {high}]")
+    for name, probs in (("draft_probs", draft_probs), ("target_probs", target_probs)):
+        smallest = float(jnp.min(probs))
+        if smallest < 0:
+            raise ValueError(f"{name}: expected non-negative probabilities, found minimum {smallest:g}")
+        sums = jnp.sum(jnp.asarray(probs, jnp.float32), axis=-1)
+        lo, hi = float(jnp.min(sums)), float(jnp.max(sums))
+        if lo < 1 - PROB_TOLERANCE or hi > 1 + PROB_TOLERANCE:
+            raise ValueError(f"{name}: expected probabilities summing to 1 (tolerance {PROB_TOLERANCE:g}) "
+                             f"over V, found sums in [{lo:.6g}, {hi:.6g}]")
+
+
+def rejection_sample(draft_tokens, draft_probs, target_probs, key, *, mode="rejection", implementation=None,
+                     validate=True):
+    """Verify K drafts per sequence; the emitted tokens are distributed exactly as sampling from p.
+
+    draft_tokens[B,K] int, draft_probs[B,K,V] float (q_k, the distribution d_k was sampled from),
+    target_probs[B,K+1,V] float (p_1..p_{K+1} from the verify forward), key: a jax PRNG key.
+    mode: "rejection" | "greedy_draft" | "block" (see the module docstring); implementation: None
+    (Pallas kernel on TPU, jnp reference elsewhere), "reference", "pallas", "pallas_interpret".
+    Returns tokens[B,K+1] int32 (the accepted drafts, then the correction or bonus token, then -1)
+    and num_emitted[B] int32 in 1..K+1. Jittable with mode, implementation and validate static;
+    validate checks shapes always and values (ids in range, probabilities) when the inputs are concrete.
+    """
+    if validate:
+        _validate(draft_tokens, draft_probs, target_probs, mode, implementation)
+    if implementation is None:
+        implementation = "pallas" if jax.default_backend() == "tpu" else "reference"
+    return _rejection_sample_jit(draft_tokens, draft_probs, target_probs, key, mode, implementation)
