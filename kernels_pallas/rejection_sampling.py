@@ -5,8 +5,9 @@ distributions q_1..q_K they were sampled from (q_k conditioned on d_<k) and the 
 p_1..p_{K+1} of one forward over [last token, d_1..d_K] (p_k conditioned on d_<k). Three rules, all
 emitting 1..K+1 tokens distributed exactly as sampling sequentially from p:
 
-- `rejection` (Leviathan et al. 2023): accept d_k while `u_k <= min(1, p_k(d_k) / q_k(d_k))`; at the
-  first rejection emit a token from norm(max(p_k - q_k, 0)), after K acceptances a bonus from p_{K+1}.
+- `rejection` (Leviathan et al. 2023): accept d_k while `u_k <= min(1, p_k(d_k) / q_k(d_k))` (tested
+  as `u_k q_k(d_k) <= p_k(d_k)`, no division); at the first rejection emit a token from
+  norm(max(p_k - q_k, 0)), after K acceptances a bonus from p_{K+1}.
 - `greedy_draft`: the drafts are argmax q_k, so q_k is taken one-hot at d_k: accept with probability
   p_k(d_k); the residual is p_k with d_k removed. draft_probs is only validated.
 - `block` (Sun et al., "Block Verification Accelerates Speculative Decoding", ICLR 2025, Algorithm 2):
@@ -224,8 +225,9 @@ def _rejection_sample_jit(draft_tokens, draft_probs, target_probs, key, mode, im
                                     interpret=implementation == "pallas_interpret")
 
 
-def _validate(draft_tokens, draft_probs, target_probs, mode, implementation):
-    """Raise ValueError naming the bad argument; value checks only on concrete (untraced) arrays."""
+def _validate(draft_tokens, draft_probs, target_probs, mode, implementation, check_values):
+    """Raise ValueError naming the bad argument. Modes, shapes and dtypes always; with check_values,
+    also ids and probabilities, on concrete (untraced) arrays only."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, found {mode!r}")
     if implementation not in IMPLEMENTATIONS:
@@ -245,7 +247,7 @@ def _validate(draft_tokens, draft_probs, target_probs, mode, implementation):
     for name, probs in (("draft_probs", draft_probs), ("target_probs", target_probs)):
         if not jnp.issubdtype(jnp.result_type(probs), jnp.floating):
             raise ValueError(f"{name}: expected a floating dtype, found {jnp.result_type(probs)}")
-    if any(isinstance(x, jax.core.Tracer) for x in (draft_tokens, draft_probs, target_probs)):
+    if not check_values or any(isinstance(x, jax.core.Tracer) for x in (draft_tokens, draft_probs, target_probs)):
         return
     low, high = int(jnp.min(draft_tokens)), int(jnp.max(draft_tokens))
     if low < 0 or high >= vocab:
@@ -270,11 +272,11 @@ def rejection_sample(draft_tokens, draft_probs, target_probs, key, *, mode="reje
     mode: "rejection" | "greedy_draft" | "block" (see the module docstring); implementation: None
     (Pallas kernel on TPU, jnp reference elsewhere), "reference", "pallas", "pallas_interpret".
     Returns tokens[B,K+1] int32 (the accepted drafts, then the correction or bonus token, then -1)
-    and num_emitted[B] int32 in 1..K+1. Jittable with mode, implementation and validate static;
-    validate checks shapes always and values (ids in range, probabilities) when the inputs are concrete.
+    and num_emitted[B] int32 in 1..K+1. Jittable with mode, implementation and validate static.
+    Bad modes, shapes and dtypes always raise ValueError; validate=True also checks, on concrete
+    inputs (not under jit), ids in [0, V) and probabilities >= 0 summing to 1 within PROB_TOLERANCE.
     """
-    if validate:
-        _validate(draft_tokens, draft_probs, target_probs, mode, implementation)
+    _validate(draft_tokens, draft_probs, target_probs, mode, implementation, check_values=validate)
     if implementation is None:
         implementation = "pallas" if jax.default_backend() == "tpu" else "reference"
     return _rejection_sample_jit(draft_tokens, draft_probs, target_probs, key, mode, implementation)

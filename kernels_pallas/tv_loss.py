@@ -12,15 +12,15 @@ over (row block x vocab block) tiles:
 2. alpha, <s, q> and <-s, p>, with s = sign(q - p);
 3. d alpha / d h_d = G_q @ W, with G_q = d alpha / d z_q = -q (s - <s, q>) / (2T).
 
-Gradient. TV = 0.5 sum_v |p - q| gives d TV / d q_v = s_v / 2, and z_q = W h_d / T the draft
-logits, so d TV / d z_q = q (s - <s, q>) / (2T) (DESIGN.md's formula with the temperature) and
-d alpha / d z_q = -q (s - <s, q>) / (2T). The target side is symmetric with s_p = sign(p - q) = -s:
-d alpha / d z_p = -p (s_p - <s_p, p>) / (2T) = p (s - <s, p>) / (2T). At ties (s = 0) this is the mean of min's two one-sided
-derivatives, which is also what `jax.grad` of the reference takes. Pass 3 runs inside the VJP's
-forward rule (alpha_n depends on row n of h_d only, so the backward just scales its rows by the
-cotangent); with one vocab block the three passes share one logits tile. With
-`grad_wrt_vocab=True` the backward adds one more pass for
-d alpha / d W = G_q^T h_d + G_p^T h_t, both paths through W, h_t held fixed.
+Gradient. TV = 0.5 sum_v |p - q| gives d TV / d q_v = s_v / 2; through the softmax of z_q / T,
+with z_q = W h_d the draft logits, d TV / d z_q = q (s - <s, q>) / (2T) (DESIGN.md's formula with
+the temperature), so d alpha / d z_q = -q (s - <s, q>) / (2T). The target side is symmetric in
+s_p = sign(p - q) = -s: d alpha / d z_p = -p (s_p - <s_p, p>) / (2T). At ties (s = 0) this is the
+mean of min's one-sided derivatives, as `jax.grad` of the reference takes it. Pass 3 runs inside
+the VJP's forward rule (alpha_n depends on row n of h_d only, so the backward just scales the rows
+by the cotangent); with one vocab block the three passes share one logits tile. With
+`grad_wrt_vocab=True` the backward adds one pass for d alpha / d W = G_q^T h_d + G_p^T h_t (both
+paths through W, h_t held fixed).
 
 Two implementations of the passes: "chunked" (jnp; `lax.map` over row blocks, `fori_loop` over
 vocab blocks; the CPU/GPU path; temporaries O(block_n x block_v)) and "pallas" (TPU kernels, one

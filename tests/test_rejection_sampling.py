@@ -134,7 +134,7 @@ def _independent_batch(rng, n, p_rows, q_rows):
 
 def test_accepted_length_matches_analytic_and_block_is_no_worse():
     rng = np.random.default_rng(4)
-    num_drafts, vocab, n = 3, 6, 100_000
+    num_drafts, vocab, n = 3, 5, 200_000  # the shapes of CASES["peaked"]: compiled once
     p_rows = _random_probs(rng, (num_drafts + 1, vocab), 1.0)
     q_rows = _random_probs(rng, (num_drafts, vocab), 1.0)
     batch = _independent_batch(rng, n, p_rows, q_rows)
@@ -193,17 +193,42 @@ def test_pallas_kernel_matches_reference(mode):
 @pytest.mark.parametrize("mode", ["rejection", "block"])
 def test_identical_draft_and_target_accepts_everything(mode):
     rng = np.random.default_rng(11)
-    target_probs = _random_probs(rng, (1000, 4, 5), 3.0).astype(np.float32)
+    target_probs = _random_probs(rng, (32, 4, 7), 3.0).astype(np.float32)  # the shapes of the T=0 test
     drafts = np.stack([_categorical(rng, target_probs[:, k]) for k in range(3)], 1).astype(np.int32)
     _, num_emitted = rs.rejection_sample(drafts, target_probs[:, :3], target_probs, _key(12), mode=mode)
     assert (np.asarray(num_emitted) == 4).all()
 
 
-def test_runs_under_jit_with_the_default_key():
+@pytest.mark.parametrize("mode", ["rejection", "block"])
+def test_zero_residual_falls_back_to_target(mode):
+    """q >= p everywhere but q(d) >> p(d) (sums within tolerance): rejections find max(p - q, 0) = 0
+    and must sample from p, never from the all-zero residual."""
+    p = np.float32([0.0001, 0.5999, 0.4, 0.0])
+    q = np.float32([0.001, 0.5999, 0.4, 0.0])
+    n = 20_000
+    tokens, num_emitted = rs.rejection_sample(np.zeros((n, 1), np.int32), np.tile(q, (n, 1, 1)),
+                                              np.tile(p, (n, 2, 1)), _key(15), mode=mode)
+    corrections = np.asarray(tokens)[np.asarray(num_emitted) == 1, 0]
+    assert corrections.size > 0.85 * n and not (corrections == 3).any()
+    share = (corrections == 1).mean()
+    assert abs(share - 0.5999) < 5 * np.sqrt(0.24 / corrections.size), share
+
+
+def test_kernel_lowers_for_tpu():
+    """The Pallas-to-Mosaic lowering (block shapes, ops) runs on CPU; compiling needs a TPU."""
+    batch, num_drafts, vocab = 8, 3, 1000
+    args = (np.zeros((batch, num_drafts), np.int32), np.full((batch, num_drafts, vocab), 1 / vocab, np.float32),
+            np.full((batch, num_drafts + 1, vocab), 1 / vocab, np.float32), _key(0))
+    for mode in rs.MODES:
+        kernel = jax.jit(functools.partial(rs._rejection_sample_pallas, mode=mode, block_sizes=rs.BlockSizes(512)))
+        assert "tpu_custom_call" in kernel.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def test_runs_under_jit():
     rng = np.random.default_rng(13)
-    drafts, draft_probs, target_probs = _markov_batch(rng, 64, 3, _random_chain(rng, 9, 1.0))
+    drafts, draft_probs, target_probs = _markov_batch(rng, 32, 3, _random_chain(rng, 7, 1.0))
     jitted = jax.jit(rs.rejection_sample, static_argnames=("mode", "implementation", "validate"))
-    key = jax.random.key(14)
+    key = _key(14)
     want = rs.rejection_sample(drafts, draft_probs, target_probs, key, mode="block")
     got = jitted(drafts, draft_probs, target_probs, key, mode="block")
     np.testing.assert_array_equal(got[0], want[0])
@@ -226,6 +251,8 @@ def _valid_inputs():
      r"target_probs: expected shape \[B, K\+1, V\] = \(2, 3, V\).*found \(2, 2, 4\)"),
     (dict(draft_probs=np.full((2, 2, 5), 0.2, np.float32)),
      r"draft_probs: expected shape \[B, K, V\] = \(2, 2, 4\).*found \(2, 2, 5\)"),
+    (dict(draft_probs=np.full((3, 2, 4), 0.25, np.float32)),
+     r"draft_probs: expected shape \[B, K, V\] = \(2, 2, 4\).*found \(3, 2, 4\)"),
     (dict(target_probs=np.full((2, 3, 4), 0.3, np.float32)), r"target_probs: expected probabilities summing to 1"),
     (dict(draft_probs=np.tile(np.float32([0.5, 0.6, -0.1, 0.0]), (2, 2, 1))),
      r"draft_probs: expected non-negative probabilities, found minimum -0.1"),

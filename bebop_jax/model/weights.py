@@ -99,8 +99,13 @@ def params_to_hf_tensors(cfg: TransformerConfig, params: dict) -> dict[str, np.n
         node = params
         for part in path:
             node = node[part]
-        out[hf_name] = np.ascontiguousarray(to_hf(np.asarray(node, dtype=np.float32)))
-        assert out[hf_name].shape == shape, (hf_name, out[hf_name].shape, shape)
+        try:
+            out[hf_name] = np.ascontiguousarray(to_hf(np.asarray(node, dtype=np.float32)))
+        except ValueError:
+            out[hf_name] = None
+        if out[hf_name] is None or out[hf_name].shape != shape:
+            raise WeightsError(f"parameter {'/'.join(path)} has shape {np.shape(node)}; "
+                               f"it cannot be written as {hf_name} of shape {shape}")
     return out
 
 
