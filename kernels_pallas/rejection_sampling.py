@@ -8,8 +8,9 @@ emitting 1..K+1 tokens distributed exactly as sampling sequentially from p:
 - `rejection` (Leviathan et al. 2023): accept d_k while `u_k <= min(1, p_k(d_k) / q_k(d_k))` (tested
   as `u_k q_k(d_k) <= p_k(d_k)`, no division); at the first rejection emit a token from
   norm(max(p_k - q_k, 0)), after K acceptances a bonus from p_{K+1}.
-- `greedy_draft`: the drafts are argmax q_k, so q_k is taken one-hot at d_k: accept with probability
-  p_k(d_k); the residual is p_k with d_k removed. draft_probs is only validated.
+- `greedy_draft`: the caller drafted argmax q_k, so verification takes q_k one-hot at d_k: accept with
+  probability p_k(d_k); the residual is p_k with d_k removed (lossless for any draft chosen without
+  the verifier's noise). draft_probs is only validated.
 - `block` (Sun et al., "Block Verification Accelerates Speculative Decoding", ICLR 2025, Algorithm 2):
   with w_0 = 1 and w_i = min(w_{i-1} p_i(d_i) / q_i(d_i), 1), the residual after i accepted drafts is
   res_i = max(w_i p_{i+1} - q_{i+1}, 0) with mass Z_i, and h_i = Z_i / (Z_i + 1 - w_i) for i < K,
@@ -219,6 +220,7 @@ def _rejection_sample_pallas(draft_tokens, draft_probs, target_probs, key, *, mo
 
 @functools.partial(jax.jit, static_argnames=("mode", "implementation"))
 def _rejection_sample_jit(draft_tokens, draft_probs, target_probs, key, mode, implementation):
+    """The compiled call behind `rejection_sample`; implementation is resolved (never None) here."""
     if implementation == "reference":
         return rejection_sample_reference(draft_tokens, draft_probs, target_probs, key, mode=mode)
     return _rejection_sample_pallas(draft_tokens, draft_probs, target_probs, key, mode=mode,

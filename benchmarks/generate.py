@@ -1,0 +1,66 @@
+"""Plain decoding speed of SmolLM2-135M-Instruct: prefill time and decode tokens/s per batch size.
+
+    python benchmarks/generate.py [--batch 1 8] [--prefill 128] [--new-tokens 64] [--out FILE]
+
+Decode is timed on the jitted while-loop alone (after a warm-up call), over `--new-tokens` steps
+with EOS disabled, so tokens/s = batch * steps / seconds. Prints a table and writes JSON.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from bebop_jax.generate import cache_length_for, decode, prefill
+from bebop_jax.model import load_model
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/generate.json")
+    args = ap.parse_args()
+
+    model = load_model(args.model)
+    rows = []
+    for batch in args.batch:
+        tokens = np.random.RandomState(0).randint(100, 20000, size=(batch, args.prefill)).astype(np.int32)
+        lengths = np.full((batch,), args.prefill, np.int32)
+        kw = dict(cfg=model.cfg, temperature=0.0, top_p=1.0, eos_ids=())
+        cache_len = cache_length_for(args.prefill, args.new_tokens)
+        run_prefill = lambda: prefill(model.params, tokens, lengths, jax.random.key(0), max_new_tokens=args.new_tokens,  # noqa: E731
+                                      cache_len=cache_len, **kw)
+        prefill_s = _median_time(run_prefill, args.repeats + 1)
+        run_decode = lambda: decode(model.params, run_prefill(), **kw).tokens  # noqa: E731
+        total_s = _median_time(run_decode, args.repeats + 1)
+        decode_s = total_s - prefill_s
+        steps = args.new_tokens - 1
+        rows.append(dict(batch=batch, prefill_tokens=args.prefill, prefill_ms=1e3 * prefill_s,
+                         decode_ms_per_step=1e3 * decode_s / steps, decode_tokens_per_s=batch * steps / decode_s))
+    print(f"{'batch':>5} {'prefill ms':>11} {'decode ms/step':>15} {'decode tok/s':>13}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['prefill_ms']:>11.1f} {r['decode_ms_per_step']:>15.1f} {r['decode_tokens_per_s']:>13.1f}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(model=args.model, device=str(jax.devices()[0]), rows=rows), f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
