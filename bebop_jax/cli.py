@@ -87,8 +87,98 @@ def cmd_export(args: argparse.Namespace) -> None:
     from bebop_jax.model import export_hf, load_model
 
     model = load_model(cfg.model.source)
-    export_hf(model, args.out, max_shard_bytes=args.max_shard_mb * 2**20 if args.max_shard_mb else None)
-    print(f"wrote {args.out} (HF safetensors, config.json, tokenizer)")
+    max_shard_bytes = args.max_shard_mb * 2**20 if args.max_shard_mb else None
+    if args.mtp is None:
+        export_hf(model, args.out, max_shard_bytes=max_shard_bytes)
+        print(f"wrote {args.out} (HF safetensors, config.json, tokenizer)")
+        return
+    from bebop_jax.checkpoint import export_hf_with_mtp, load_mtp_heads
+
+    mtp, params = load_mtp_heads(args.mtp)
+    export_hf_with_mtp(model, mtp, params, args.out, max_shard_bytes=max_shard_bytes)
+    print(f"wrote {args.out} (HF safetensors with {mtp.num_layers} MTP layer(s) as mtp.*, K={mtp.num_steps}, "
+          "config.json, tokenizer)")
+
+
+_BOOL_OFF = dict(action="store_const", const="false")
+_SAMPLE_FLAGS = {
+    "--model": _GENERATE_FLAGS["--model"],
+    "--data-dir": ("data.dir", dict(help="where the token shards go: {dir}/train, {dir}/heldout")),
+    "--prompts": ("data.prompts", dict(help="'math' (built-in generator) or a JSONL file of prompts / messages")),
+    "--num-prompts": ("data.num_prompts", dict(type=int)),
+    "--heldout-prompts": ("data.heldout_prompts", dict(type=int)),
+    "--max-new-tokens": ("data.max_new_tokens", dict(type=int)),
+    "--temperature": ("data.temperature", dict(type=float, help="rollout temperature of the samples")),
+    "--seed": ("data.seed", dict(type=int)),
+}
+_PRETRAIN_FLAGS = {
+    "--model": _GENERATE_FLAGS["--model"],
+    "--data-dir": _SAMPLE_FLAGS["--data-dir"],
+    "--corpus": ("data.corpus", dict(help="train on a .txt / .jsonl corpus instead of {data.dir}/train")),
+    "--loss": ("pretrain.loss", dict(help="ce | kl | tv | e2e_tv")),
+    "--steps": ("pretrain.steps", dict(type=int)),
+    "--batch-size": ("pretrain.batch_size", dict(type=int)),
+    "--learning-rate": ("pretrain.learning_rate", dict(type=float)),
+    "--run-dir": ("pretrain.run_dir", dict(help="checkpoints/, tb/ and summary.json go here; resumes if present")),
+    "--no-cache-hidden": ("pretrain.cache_hidden", dict(**_BOOL_OFF, help="run the trunk in every step")),
+}
+_EVAL_FLAGS = {
+    "--model": _GENERATE_FLAGS["--model"],
+    "--data-dir": ("data.dir", dict(help="held-out samples are read from {dir}/heldout")),
+    "--temperatures": ("eval.temperatures", dict(type=lambda s: f"[{s}]", help="comma-separated, e.g. 1.0,0.7,0.5")),
+}
+
+
+def _user_errors(fn):
+    """Runs fn, turning the errors of bad input (missing files, mismatched runs, a diverged loss) into messages."""
+    try:
+        return fn()
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def cmd_sample_data(args: argparse.Namespace) -> None:
+    cfg = _config_from_args(args, _SAMPLE_FLAGS)
+    from tqdm import tqdm
+
+    from bebop_jax.data import self_distill
+    from bebop_jax.model import load_model
+
+    d = cfg.data
+    model = load_model(cfg.model.source, cfg.model.dtype)
+    if model.tokenizer is None:
+        raise SystemExit(f"error: {model.source} has no tokenizer; cannot encode prompts")
+    t0 = time.perf_counter()
+    with tqdm(total=d.num_prompts + d.heldout_prompts, desc="self-distillation", unit="prompt") as bar:
+        splits = _user_errors(lambda: self_distill(cfg, model, progress=bar.update))
+    for name, seqs in splits.items():
+        new = sum(len(t) for t in seqs.tokens) - int(seqs.prompt_lengths.sum())
+        print(f"{name}: {len(seqs)} sequences, {new} completion tokens -> {d.dir}/{name}")
+    print(f"sampled in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_pretrain_mtp(args: argparse.Namespace) -> None:
+    cfg = _config_from_args(args, _PRETRAIN_FLAGS)
+    import json
+
+    from bebop_jax.pretrain_mtp import train
+
+    summary = _user_errors(lambda: train(cfg))
+    summary.pop("history")
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_eval_acceptance(args: argparse.Namespace) -> None:
+    cfg = _config_from_args(args, _EVAL_FLAGS)
+    from bebop_jax.eval_acceptance import run
+
+    report = _user_errors(lambda: run(cfg, args.heads, args.out))
+    for res in report["results"]:
+        alphas = "  ".join(f"alpha_{k + 1}={a:.3f}" for k, a in enumerate(res["alpha"]))
+        slope = res["heads"][0]["fit"]["slope"]
+        print(f"T={res['temperature']:g}: {alphas}  E[accepted length]={res['expected_length']:.3f}  "
+              f"d alpha_1 / d H = {slope:+.3f} per nat")
+    print(f"wrote {args.out or args.heads + '/acceptance.json'} and .png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(exp, {"--model": _GENERATE_FLAGS["--model"]})
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument("--max-shard-mb", type=int, default=None, help="shard the weights (index form)")
+    exp.add_argument("--mtp", default=None, help="also write MTP heads (a pretrain-mtp run dir) as mtp.* tensors")
     exp.set_defaults(func=cmd_export)
+
+    sample = sub.add_parser("sample-data", help="self-distillation: sample the policy on prompts into token shards")
+    _add_config_args(sample, _SAMPLE_FLAGS)
+    sample.set_defaults(func=cmd_sample_data)
+
+    pre = sub.add_parser("pretrain-mtp", help="train MTP draft heads on the frozen trunk (resumes a run dir)")
+    _add_config_args(pre, _PRETRAIN_FLAGS)
+    pre.set_defaults(func=cmd_pretrain_mtp)
+
+    ev = sub.add_parser("eval-acceptance", help="per-head acceptance and expected length on held-out samples")
+    _add_config_args(ev, _EVAL_FLAGS)
+    ev.add_argument("--heads", required=True, help="a pretrain-mtp run dir, or an HF dir with mtp.* tensors")
+    ev.add_argument("--out", default=None, help="JSON report path (default {heads}/acceptance.json); PNG beside it")
+    ev.set_defaults(func=cmd_eval_acceptance)
     return parser
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -46,11 +47,146 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Devices and processes: the mesh (`bebop_jax.sharding`) and multi-host setup (`bebop_jax.distributed`).
+
+    Axis sizes multiply to the number of devices; one of them may be -1 (the devices left over).
+    `rules` overrides entries of `sharding.DEFAULT_RULES`: pairs (logical axis, mesh axis | list of
+    mesh axes | null), e.g. `[[embed, null]]` to stop sharding the model width over `fsdp`.
+    The three process keys are set together (a run of several local processes) or left unset: one
+    process, or, on a Cloud TPU VM, what the TPU environment says.
+    """
+
+    data: int = -1  # data parallelism
+    fsdp: int = 1  # data parallelism with parameters and optimizer state sharded too
+    tensor: int = 1  # tensor parallelism: attention heads, MLP width, vocabulary
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = ()
+    coordinator_address: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            if size != -1 and size < 1:
+                raise ConfigError(f"config key 'mesh.{name}': expected a size >= 1 or -1 (the rest), got {size}")
+        if list(sizes.values()).count(-1) > 1:
+            rest = [f"mesh.{n}" for n, v in sizes.items() if v == -1]
+            raise ConfigError(f"config keys {', '.join(rest)} are all -1; at most one axis can take the rest")
+        for i, (logical, axes) in enumerate(self.rules):
+            for axis in (axes,) if isinstance(axes, str) else axes or ():
+                if axis not in sizes:
+                    raise ConfigError(f"config key 'mesh.rules[{i}]' maps '{logical}' to mesh axis '{axis}'; "
+                                      f"mesh axes are {', '.join(sizes)}")
+        process = {"coordinator_address": self.coordinator_address, "num_processes": self.num_processes,
+                   "process_id": self.process_id}
+        unset = [f"mesh.{k}" for k, v in process.items() if v is None]
+        if 0 < len(unset) < 3:
+            raise ConfigError(f"config keys mesh.coordinator_address, mesh.num_processes and mesh.process_id go "
+                              f"together; {', '.join(unset)} missing")
+        if not unset and not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(f"config key 'mesh.process_id': expected 0 <= process_id < num_processes="
+                              f"{self.num_processes}, got {self.process_id}")
+
+
+def _check_positive(section: str, obj, names: str, minimum=1) -> None:
+    for name in names.split():
+        if getattr(obj, name) < minimum:
+            raise ConfigError(f"config key '{section}.{name}': expected >= {minimum}, got {getattr(obj, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MTPHeadsConfig:
+    """Shape of the MTP draft heads (`bebop_jax.model.mtp.MTPConfig`)."""
+
+    num_steps: int = 3  # K: tokens drafted per verify step
+    num_layers: int = 1  # distinct MTP layers, reused cyclically over the K steps
+
+    def __post_init__(self):
+        _check_positive("mtp", self, "num_steps num_layers")
+        if self.num_layers > self.num_steps:
+            raise ConfigError(f"config key 'mtp.num_layers': expected <= mtp.num_steps={self.num_steps}, "
+                              f"got {self.num_layers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Data of the draft heads: self-distilled samples (`bebop sample-data`) or a plain corpus."""
+
+    dir: str = "runs/data/math"  # token shards: {dir}/train and {dir}/heldout
+    prompts: str = "math"  # "math" (built-in generator) or a JSONL file of {"prompt"} / {"messages"}
+    num_prompts: int = 512  # prompts sampled for training
+    heldout_prompts: int = 64  # further prompts, sampled for evaluation only
+    chat: bool = True  # wrap prompts in the model's chat template
+    temperature: float = 1.0  # rollout temperature of the samples
+    max_new_tokens: int = 96
+    sample_batch: int = 32  # prompts per generate call
+    seed: int = 0
+    corpus: str | None = None  # a .txt or .jsonl ({"text"}) corpus to train on instead of {dir}/train
+
+    def __post_init__(self):
+        _check_positive("data", self, "num_prompts max_new_tokens sample_batch")
+        _check_positive("data", self, "heldout_prompts", 0)
+        if self.temperature <= 0:
+            raise ConfigError(f"config key 'data.temperature': self-distillation samples need > 0, "
+                              f"got {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """`bebop pretrain-mtp`: the draft heads trained on the frozen trunk's hidden states."""
+
+    loss: Literal["ce", "kl", "tv", "e2e_tv"] = "e2e_tv"
+    temperature: float = 1.0  # tau of p and q in the loss: the rollout temperature
+    steps: int = 1000
+    batch_size: int = 8  # rows per step
+    seq_len: int = 256  # tokens per row
+    pack: bool = True  # several sequences per row (segment ids), else one padded sequence per row
+    learning_rate: float = 1e-3  # peak, after linear warm-up; cosine decay to 10% at `steps`
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # global gradient norm
+    init: Literal["trunk", "random"] = "trunk"  # MTP blocks from the trunk's last layer, or random
+    cache_hidden: bool = True  # run the trunk once and cache its hidden states (bf16) in cache_dir
+    cache_dir: str = "runs/hidden_cache"
+    seed: int = 0  # head init and data order
+    run_dir: str = "runs/pretrain-mtp"  # checkpoints/, tb/, summary.json
+    checkpoint_every: int = 200
+    log_every: int = 10
+
+    def __post_init__(self):
+        _check_positive("pretrain", self, "batch_size seq_len checkpoint_every log_every")
+        _check_positive("pretrain", self, "steps warmup_steps", 0)
+        for name in ("temperature", "learning_rate", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config key 'pretrain.{name}': expected > 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`bebop eval-acceptance`: acceptance of the heads on held-out policy samples ({data.dir}/heldout)."""
+
+    temperatures: tuple[float, ...] = (1.0,)
+    entropy_buckets: int = 8  # equal-count buckets of the policy's entropy
+    batch_size: int = 4  # sequences per forward
+
+    def __post_init__(self):
+        _check_positive("eval", self, "entropy_buckets batch_size")
+        if not self.temperatures or min(self.temperatures) <= 0:
+            raise ConfigError(f"config key 'eval.temperatures': expected temperatures > 0, got {self.temperatures}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run configuration; one field per YAML section."""
 
     model: ModelConfig = ModelConfig()
     generate: GenerateConfig = GenerateConfig()
+    mesh: MeshConfig = MeshConfig()
+    mtp: MTPHeadsConfig = MTPHeadsConfig()
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def _type_name(tp: Any) -> str:
@@ -89,10 +225,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
             if len(args) == len(value):
-                return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+                return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+            return float(value)  # YAML 1.1 reads '3e-4' (no dot) as a string
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

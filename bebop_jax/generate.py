@@ -81,7 +81,7 @@ def prefill(params, tokens, lengths, key, *, cfg: TransformerConfig, max_new_tok
     key, sub = jax.random.split(key)
     first = sampling.sample(sub, logits, temperature, top_p)  # [B]
     out = jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, jnp.asarray(eos_ids)) | (max_new_tokens == 1)
+    done = sampling.is_eos(first, eos_ids) | (max_new_tokens == 1)
     return DecodeState(jnp.int32(1), out, jnp.ones((B,), jnp.int32), lengths.astype(jnp.int32), done, cache, key)
 
 
@@ -91,7 +91,6 @@ def decode(params, state: DecodeState, *, cfg: TransformerConfig, temperature: f
     """Decodes until every sequence is done, one token per sequence per step."""
     model = Transformer(cfg)
     max_new = state.tokens.shape[1]
-    eos = jnp.asarray(eos_ids)
 
     def cond(s: DecodeState):
         return (s.step < max_new) & ~jnp.all(s.done)
@@ -102,7 +101,7 @@ def decode(params, state: DecodeState, *, cfg: TransformerConfig, temperature: f
         logits = model.apply({"params": params}, hidden[:, 0], method=Transformer.logits)  # [B, V]
         key, sub = jax.random.split(s.key)
         token = jnp.where(s.done, -1, sampling.sample(sub, logits, temperature, top_p))
-        done = s.done | jnp.isin(token, eos) | (s.step + 1 >= max_new)
+        done = s.done | sampling.is_eos(token, eos_ids) | (s.step + 1 >= max_new)
         return DecodeState(s.step + 1, s.tokens.at[:, s.step].set(token), s.num_tokens + (~s.done).astype(jnp.int32),
                            s.position + 1, done, cache, key)
 

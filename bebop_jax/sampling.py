@@ -52,3 +52,11 @@ def token_logprob_and_entropy(logits: jax.Array, tokens: jax.Array, temperature:
     token_logp = jnp.take_along_axis(logp, jnp.maximum(tokens, 0)[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return token_logp, entropy
+
+
+def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    """tokens [...] -> bool [...]: equal to one of the (static) end-of-sequence ids."""
+    out = jnp.zeros(tokens.shape, bool)
+    for e in eos_ids:
+        out = out | (tokens == e)
+    return out

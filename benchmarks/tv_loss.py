@@ -105,7 +105,8 @@ def main():
     with open(args.out, "w") as f:
         json.dump(dict(device=jax.devices()[0].device_kind, platform=platform.platform(),
                        cpu_count=os.cpu_count(), jax=jax.__version__, quick=args.quick,
-                       repeats=args.repeats, block_sizes=dataclasses.asdict(block_sizes), rows=rows), f, indent=1)
+                       repeats=args.repeats, block_sizes=dataclasses.asdict(block_sizes),
+                       rows=rows), f, indent=1)
     print(f"wrote {args.out}")
 
 

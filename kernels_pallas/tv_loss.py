@@ -109,7 +109,7 @@ class _Stats(NamedTuple):
 
 def fused_acceptance_reference(h_draft, h_target, w_vocab, *, temperature=1.0, mask=None,
                                grad_wrt_vocab=False):
-    """The definition: both [N, V] logits in f32. Same arguments and gradients as `fused_acceptance`.
+    """The definition, holding both [N, V] logits in f32; arguments and gradients as the fused one.
 
     h_draft, h_target: [N, D]; w_vocab: [V, D]; mask: [N] bool or None. Returns alpha [N] f32.
     """
@@ -437,7 +437,8 @@ def _check_inputs(h_draft, h_target, w_vocab, temperature, mask, block_sizes, im
     """Raises ValueError / TypeError naming the offending argument."""
     for name, x in (("h_draft", h_draft), ("h_target", h_target), ("w_vocab", w_vocab)):
         if jnp.ndim(x) != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a 2-D float array, got {x.dtype}{list(jnp.shape(x))}")
+            raise ValueError(
+                f"{name} must be a 2-D float array, got {x.dtype}{list(jnp.shape(x))}")
     if h_target.shape != h_draft.shape:
         raise ValueError(f"h_target must have h_draft's shape [N, D] = {list(h_draft.shape)}, "
                          f"got {list(h_target.shape)}")
@@ -445,7 +446,8 @@ def _check_inputs(h_draft, h_target, w_vocab, temperature, mask, block_sizes, im
         raise ValueError(f"w_vocab must be [V, D] with D = {h_draft.shape[1]} (h_draft's last "
                          f"axis), got {list(w_vocab.shape)}")
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
-        raise ValueError(f"temperature must be a positive finite Python number, got {temperature!r}")
+        raise ValueError(
+            f"temperature must be a positive finite Python number, got {temperature!r}")
     if mask is not None and (jnp.shape(mask) != h_draft.shape[:1] or mask.dtype != jnp.bool_):
         raise ValueError(f"mask must be a bool array of shape [N] = [{h_draft.shape[0]}], got "
                          f"{mask.dtype}{list(jnp.shape(mask))}")
@@ -458,12 +460,12 @@ def _check_inputs(h_draft, h_target, w_vocab, temperature, mask, block_sizes, im
 
 def fused_acceptance(h_draft, h_target, w_vocab, *, temperature=1.0, mask=None, block_sizes=None,
                      grad_wrt_vocab=False, implementation=None):
-    """alpha[N] = sum_v min(p, q), p = softmax(w_vocab @ h_target / T), q = softmax(w_vocab @ h_draft / T).
+    """alpha[N] = sum_v min(p, q) with p = softmax(W h_target / T), q = softmax(W h_draft / T).
 
     Args:
       h_draft: [N, D] draft hidden states; gradients flow into it.
       h_target: [N, D] target hidden states; its gradient is always zero (stopped).
-      w_vocab: [V, D] shared LM head; gradient zero unless `grad_wrt_vocab`, then both the p and
+      w_vocab: [V, D] shared LM head W; gradient zero unless `grad_wrt_vocab`, then both the p and
         the q path.
       temperature: positive Python float T.
       mask: [N] bool or None; masked rows give alpha 0 and zero gradient (their inputs may hold
@@ -479,6 +481,7 @@ def fused_acceptance(h_draft, h_target, w_vocab, *, temperature=1.0, mask=None, 
     """
     if implementation is None:
         implementation = "pallas" if jax.default_backend() == "tpu" else "chunked"
+    mask = None if mask is None else jnp.asarray(mask)
     _check_inputs(h_draft, h_target, w_vocab, temperature, mask, block_sizes, implementation)
     if implementation == "reference":
         return fused_acceptance_reference(h_draft, h_target, w_vocab, temperature=temperature,

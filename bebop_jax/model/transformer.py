@@ -127,7 +127,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (xf * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]).astype(x.dtype)
 
 
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: Axes, init=None):
+def param_with_axes(module: nn.Module, name: str, shape: tuple[int, ...], axes: Axes, init=None):
     init = init or nn.initializers.normal(0.02)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
@@ -140,7 +140,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
+        scale = param_with_axes(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (y * scale).astype(self.dtype)
@@ -156,17 +156,17 @@ class Attention(nn.Module):
         """x [B, T, D] -> (y [B, T, D], updated cache or None)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        wq = _param(self, "wq", (D, N, H), ("embed", "q_heads", "head_dim"))
-        wk = _param(self, "wk", (D, K, H), ("embed", "kv_heads", "head_dim"))
-        wv = _param(self, "wv", (D, K, H), ("embed", "kv_heads", "head_dim"))
-        wo = _param(self, "wo", (N, H, D), ("q_heads", "head_dim", "embed"))
+        wq = param_with_axes(self, "wq", (D, N, H), ("embed", "q_heads", "head_dim"))
+        wk = param_with_axes(self, "wk", (D, K, H), ("embed", "kv_heads", "head_dim"))
+        wv = param_with_axes(self, "wv", (D, K, H), ("embed", "kv_heads", "head_dim"))
+        wo = param_with_axes(self, "wo", (N, H, D), ("q_heads", "head_dim", "embed"))
         q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
         k = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
         v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
         if cfg.qkv_bias:
-            q = q + _param(self, "bq", (N, H), ("q_heads", "head_dim"), nn.initializers.zeros).astype(dt)
-            k = k + _param(self, "bk", (K, H), ("kv_heads", "head_dim"), nn.initializers.zeros).astype(dt)
-            v = v + _param(self, "bv", (K, H), ("kv_heads", "head_dim"), nn.initializers.zeros).astype(dt)
+            q = q + param_with_axes(self, "bq", (N, H), ("q_heads", "head_dim"), nn.initializers.zeros).astype(dt)
+            k = k + param_with_axes(self, "bk", (K, H), ("kv_heads", "head_dim"), nn.initializers.zeros).astype(dt)
+            v = v + param_with_axes(self, "bv", (K, H), ("kv_heads", "head_dim"), nn.initializers.zeros).astype(dt)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, dt, name="k_norm")(k)
@@ -209,9 +209,9 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, F = cfg.hidden_size, cfg.intermediate_size
-        gate = _param(self, "gate", (D, F), ("embed", "mlp"))
-        up = _param(self, "up", (D, F), ("embed", "mlp"))
-        down = _param(self, "down", (F, D), ("mlp", "embed"))
+        gate = param_with_axes(self, "gate", (D, F), ("embed", "mlp"))
+        up = param_with_axes(self, "up", (D, F), ("embed", "mlp"))
+        down = param_with_axes(self, "down", (F, D), ("mlp", "embed"))
         h = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))  # [B, T, F]
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
         return h @ down.astype(dt)
@@ -241,11 +241,11 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embedding = _param(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        self.embedding = param_with_axes(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
         self.layers = [Block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+            self.lm_head = param_with_axes(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
 
     def __call__(self, tokens, positions, cache=None, segment_ids=None):
         """tokens, positions [B, T] int32; cache: tuple of KVCache or None (full causal forward).

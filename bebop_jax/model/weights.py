@@ -1,6 +1,6 @@
 """Weights in and out: HF safetensors (Llama, Qwen2, Qwen3) and GGUF (llama.cpp) files.
 
-One table, `_hf_tensor_map`, names every HF tensor with its place in our parameter tree and the
+One table, `hf_tensor_map`, names every HF tensor with its place in our parameter tree and the
 reshape between the two layouts; import and export both walk it, so they cannot drift apart.
 A checkpoint whose tensors are missing, unexpected or mis-shaped raises `WeightsError` listing each
 one with the expected and found shape, before anything is returned (nothing half-loaded).
@@ -28,7 +28,7 @@ class WeightsError(ValueError):
 # Name and layout table
 
 
-def _hf_tensor_map(cfg: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...], Callable, Callable]]:
+def hf_tensor_map(cfg: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...], Callable, Callable]]:
     """Yields (hf_name, param_path, hf_shape, to_ours, to_hf) for every tensor of the architecture."""
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -70,7 +70,7 @@ def params_from_hf_tensors(cfg: TransformerConfig, tensors: dict[str, np.ndarray
     """HF-named tensors -> our parameter tree (float32 numpy). Raises WeightsError on any mismatch."""
     problems, params = [], {}
     expected = {}
-    for hf_name, path, shape, to_ours, _ in _hf_tensor_map(cfg):
+    for hf_name, path, shape, to_ours, _ in hf_tensor_map(cfg):
         expected[hf_name] = path
         if hf_name not in tensors:
             problems.append(f"missing tensor {hf_name}: expected shape {shape}")
@@ -95,7 +95,7 @@ def params_from_hf_tensors(cfg: TransformerConfig, tensors: dict[str, np.ndarray
 def params_to_hf_tensors(cfg: TransformerConfig, params: dict) -> dict[str, np.ndarray]:
     """Our parameter tree -> HF-named float32 numpy tensors."""
     out = {}
-    for hf_name, path, shape, _, to_hf in _hf_tensor_map(cfg):
+    for hf_name, path, shape, _, to_hf in hf_tensor_map(cfg):
         node = params
         for part in path:
             node = node[part]

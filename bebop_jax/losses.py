@@ -1,0 +1,110 @@
+"""Draft-head losses (DESIGN.md, Distributions and losses): CE, forward KL, TV and Bebop's e2e TV.
+
+Per origin t and draft step k (temperature tau):
+    p = softmax(W h^trunk_{t+k} / tau)   the policy's distribution of x_{t+k+1}
+    q = softmax(W h^k_t / tau)           the draft's
+    alpha = sum_v min(p, q) = 1 - TV(p, q)   acceptance of one rejection-sampling step
+    CE = -log q(x_{t+k+1}),  KL = KL(p || q),  TV = 1 - alpha,
+    e2e TV = -(1/K) sum_k prod_{j<=k} alpha_j   (expected accepted drafts of one verify step, / K)
+
+Inputs are hidden states, never logits: alpha goes through the fused kernel
+(`kernels_pallas.tv_loss.fused_acceptance`), which never holds a [tokens x vocab] array of both
+models; CE and KL are computed over row chunks under `jax.checkpoint` so their memory is bounded too.
+Masks: `masks[k-1][n]` is True where origin n has a real, non-prompt target for step k. For the
+e2e product a step counts only where every earlier step does (cumulative mask).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.tv_loss import fused_acceptance
+
+LOSSES = ("ce", "kl", "tv", "e2e_tv")
+_ROW_CHUNK = 256
+
+
+def _masked_mean(x, mask):
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _row_chunks(fn, *arrays):
+    """fn over rows in chunks of _ROW_CHUNK (rematerialised in the backward pass); arrays [N, ...]."""
+    n = arrays[0].shape[0]
+    pad = -n % _ROW_CHUNK
+    padded = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
+    chunked = [a.reshape(-1, _ROW_CHUNK, *a.shape[1:]) for a in padded]
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), chunked)
+    return out.reshape(-1)[:n]
+
+
+def cross_entropy(h_draft, targets, w_vocab, temperature: float = 1.0):
+    """-log q(target) per row: h_draft [N,D], targets [N] int, w_vocab [V,D] -> [N]."""
+    def fn(h, y):
+        logq = jax.nn.log_softmax(jnp.einsum("ND,VD->NV", h, w_vocab, preferred_element_type=jnp.float32)
+                                  / temperature, axis=-1)
+        return -jnp.take_along_axis(logq, jnp.maximum(y, 0)[:, None], axis=-1)[:, 0]
+    return _row_chunks(fn, h_draft, targets)
+
+
+def forward_kl(h_draft, h_target, w_vocab, temperature: float = 1.0):
+    """KL(p || q) per row, p from h_target, q from h_draft: [N,D] each -> [N]."""
+    def fn(hd, ht):
+        logq = jax.nn.log_softmax(jnp.einsum("ND,VD->NV", hd, w_vocab, preferred_element_type=jnp.float32)
+                                  / temperature, axis=-1)
+        logp = jax.nn.log_softmax(jnp.einsum("ND,VD->NV", ht, w_vocab, preferred_element_type=jnp.float32)
+                                  / temperature, axis=-1)
+        return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+    return _row_chunks(fn, h_draft, jax.lax.stop_gradient(h_target))
+
+
+def acceptance(h_draft, h_target, w_vocab, temperature: float = 1.0, mask=None, implementation=None):
+    """alpha = sum_v min(p, q) per row [N] (the analytic acceptance), through the fused kernel."""
+    return fused_acceptance(h_draft, jax.lax.stop_gradient(h_target), w_vocab, temperature=temperature,
+                            mask=mask, implementation=implementation)
+
+
+def expected_accepted(alphas, masks):
+    """Per step k, the masked mean of prod_{j<=k} alpha_j over origins: alphas, masks [K, N] -> [K]."""
+    chain = jnp.cumprod(alphas, axis=0)  # [K, N]
+    chain_mask = jnp.cumprod(masks.astype(jnp.float32), axis=0)
+    return jax.vmap(_masked_mean)(chain, chain_mask)
+
+
+def draft_loss(kind: str, h_drafts, h_targets, targets, masks, w_vocab, temperature: float = 1.0,
+               implementation=None):
+    """The training loss of K draft steps and its metrics.
+
+    h_drafts, h_targets [K, N, D] (h^k_t and h^trunk_{t+k}); targets [K, N] (x_{t+k+1});
+    masks [K, N] bool; w_vocab [V, D] (frozen LM head). Returns (scalar loss, metrics dict) where the
+    metrics hold alpha_k [K] (masked means), the expected accepted length 1 + sum_k E prod alpha and,
+    for CE/KL, their values.
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"unknown draft loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    w_vocab = jax.lax.stop_gradient(w_vocab)
+    K = h_drafts.shape[0]
+    alphas = jnp.stack([acceptance(h_drafts[k], h_targets[k], w_vocab, temperature, masks[k], implementation)
+                        for k in range(K)])  # [K, N]
+    alpha_means = jax.vmap(_masked_mean)(alphas, masks)
+    chain = expected_accepted(alphas, masks)  # [K]
+    metrics = {"alpha": alpha_means, "expected_length": 1.0 + jnp.sum(chain)}
+    if kind == "tv":
+        loss = jnp.mean(1.0 - alpha_means)
+    elif kind == "e2e_tv":
+        loss = -jnp.mean(chain)
+    elif kind == "ce":
+        per_step = jnp.stack([_masked_mean(cross_entropy(h_drafts[k], targets[k], w_vocab, temperature), masks[k])
+                              for k in range(K)])
+        loss = jnp.mean(per_step)
+        metrics["ce"] = per_step
+    else:
+        per_step = jnp.stack([_masked_mean(forward_kl(h_drafts[k], h_targets[k], w_vocab, temperature), masks[k])
+                              for k in range(K)])
+        loss = jnp.mean(per_step)
+        metrics["kl"] = per_step
+    if kind in ("ce", "kl"):
+        metrics = jax.tree.map(jax.lax.stop_gradient, metrics)
+    return loss, metrics

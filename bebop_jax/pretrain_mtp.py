@@ -1,0 +1,296 @@
+"""Stage 1, `bebop pretrain-mtp`: MTP draft heads trained on a frozen trunk.
+
+Data (`bebop_jax.data`) is laid into fixed rows [R, T]. The trunk is frozen, so it runs once over every
+row and its final hidden states are cached in bf16 (`{pretrain.cache_dir}/{fingerprint}.npy`, shared by
+runs on the same rows; `pretrain.cache_hidden=false` runs the trunk in every step instead, rounding to
+bf16 the same way). A train step then costs only the heads:
+
+    h^0 = cached trunk hidden [B,T,D]  ->  teacher-forced h^1..h^K over the whole row (MTP blocks attend
+    to the prompt too)  ->  the origins that count for some step gathered, a static number per row (the
+    data's maximum: no vocabulary projections are spent on prompt or padding)  ->  `losses.draft_loss`
+
+with targets h^trunk_{t+k} and tokens x_{t+k+1}; gradients reach only the MTP parameters. AdamW with
+linear warm-up and cosine decay, global-norm clipping; one jitted step with the train state donated.
+The step has no randomness (the draft losses are analytic), so a run's only RNG use is the head
+initialisation from `pretrain.seed` and its only other state is the grain iterator's: orbax
+checkpoints hold both (state pytree + iterator + meta) and a resumed run repeats the uninterrupted
+run's losses exactly. tensorboardX scalars, a tqdm bar; a non-finite loss stops the run naming the step.
+
+Head initialisation (`pretrain.init`): "trunk" copies the trunk's last layer into each MTP block and
+the trunk's final norm into each output norm, with fc = [I ; I] (the sum of the normed embedding of
+x_{t+k} and the normed previous hidden state); "random" is `init_mtp_params`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+
+from bebop_jax import data as data_lib
+from bebop_jax.checkpoint import RunCheckpoints
+from bebop_jax.config import Config, to_dict
+from bebop_jax.losses import draft_loss
+from bebop_jax.model import LoadedModel, load_model
+from bebop_jax.model.mtp import MTPConfig, init_mtp_params, teacher_forced_hidden, vocab_matrix
+from bebop_jax.model.transformer import Transformer, TransformerConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: optimizer updates done
+    params: dict  # MTP parameters
+    opt_state: optax.OptState
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen trunk's hidden states
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def trunk_hidden(params, tokens, positions, segment_ids, *, cfg: TransformerConfig):
+    """The trunk's final (normed) hidden states [B,T,D] of packed rows, rounded to bf16."""
+    hidden, _ = Transformer(cfg).apply({"params": params}, tokens, positions, None, segment_ids)
+    return hidden.astype(jnp.bfloat16)
+
+
+def _fingerprint(model: LoadedModel, rows: data_lib.Rows) -> str:
+    """A hash of the trunk (architecture and weights) and of the row layout: the cache's identity."""
+    h = hashlib.sha1(f"{model.source}|{model.cfg}".encode())
+    for a in jax.tree.leaves(model.params) + [rows.tokens, rows.positions, rows.segment_ids]:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def hidden_cache(model: LoadedModel, rows: data_lib.Rows, cache_dir: str, batch_size: int = 8,
+                 progress: bool = False) -> np.ndarray:
+    """The trunk's hidden states of every row, [R,T,D] bf16, from `cache_dir` or computed once and stored
+    there (written to a temporary file, renamed when complete)."""
+    path = os.path.join(cache_dir, f"hidden_{_fingerprint(model, rows)}.npy")
+    if not os.path.isfile(path):
+        from tqdm import tqdm
+
+        os.makedirs(cache_dir, exist_ok=True)
+        R, T = rows.tokens.shape
+        tmp = path + ".tmp"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(R, T, model.cfg.hidden_size))
+        for start in tqdm(range(0, R, batch_size), desc="trunk hidden cache", disable=not progress):
+            idx = np.minimum(np.arange(start, start + batch_size), R - 1)  # the last batch repeats a row
+            h = trunk_hidden(model.params, rows.tokens[idx], rows.positions[idx], rows.segment_ids[idx], cfg=model.cfg)
+            n = min(batch_size, R - start)
+            out[start:start + n] = np.asarray(h)[:n].view(np.uint16)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r").view(ml_dtypes.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads, loss and the train step
+
+
+def init_heads(model: LoadedModel, mtp: MTPConfig, init: str, key: jax.Array) -> dict:
+    """MTP parameters: random, or ("trunk") blocks from the trunk's last layer (see the module docstring)."""
+    params = init_mtp_params(model.cfg, mtp, key)
+    if init == "random":
+        return params
+    D = model.cfg.hidden_size
+    last = model.params[f"layers_{model.cfg.num_layers - 1}"]
+    eye = jnp.eye(D, dtype=jnp.float32)
+    for i in range(mtp.num_layers):
+        layer = dict(params[f"layers_{i}"])
+        layer["block"] = jax.tree.map(jnp.array, last)
+        layer["norm"] = {"scale": jnp.array(model.params["final_norm"]["scale"])}
+        layer["fc"] = jnp.concatenate([eye, eye], axis=0)  # [2D, D]: embedding rows, then hidden rows
+        params[f"layers_{i}"] = layer
+    return params
+
+
+def draft_inputs(cfg: TransformerConfig, mtp: MTPConfig, mtp_params, embedding, batch, num_origins: int):
+    """The inputs of `draft_loss` for a batch of rows, at the origins that count for some step.
+
+    batch: hidden [B,T,D] (trunk, bf16), tokens, positions, segment_ids [B,T], completion [B,T] bool.
+    Returns h_drafts, h_targets [K, B*G, D], targets [K, B*G], masks [K, B*G] with G = num_origins >=
+    every row's count of such origins (the gather is exact; fill entries point at T-1, masked for all k).
+    """
+    K = mtp.num_steps
+    h0 = batch["hidden"].astype(jnp.float32)  # [B,T,D]
+    tokens = batch["tokens"]  # [B,T]
+    B, T = tokens.shape
+    emb = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)  # [B,T,D]
+    drafts = teacher_forced_hidden(cfg, mtp, mtp_params, h0, emb, batch["positions"], batch["segment_ids"])
+    masks = data_lib.loss_masks(batch["completion"], batch["segment_ids"], K)  # [K,B,T]
+    origins = jax.vmap(lambda m: jnp.nonzero(m, size=num_origins, fill_value=T - 1)[0])(jnp.any(masks, 0))  # [B,G]
+
+    def gather(x, offset):  # x [B,T,...] at origins + offset -> [B*G, ...]
+        idx = jnp.minimum(origins + offset, T - 1)  # [B,G]
+        idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+        out = jnp.take_along_axis(x, idx, axis=1)
+        return out.reshape((B * num_origins,) + x.shape[2:])
+
+    h_drafts = jnp.stack([gather(drafts[k - 1], 0) for k in range(1, K + 1)])  # [K,B*G,D]
+    h_targets = jnp.stack([gather(h0, k) for k in range(1, K + 1)])  # [K,B*G,D]: h^trunk_{t+k}
+    targets = jnp.stack([gather(tokens, k + 1) for k in range(1, K + 1)])  # [K,B*G]: x_{t+k+1}
+    loss_masks = jnp.stack([gather(masks[k - 1], 0) for k in range(1, K + 1)])  # [K,B*G]
+    return h_drafts, h_targets, targets, loss_masks
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The static settings of the train step (hashable: equal settings share one compiled step)."""
+
+    loss: str
+    temperature: float
+    num_origins: int  # origins gathered per row (`draft_inputs`)
+    learning_rate: float
+    warmup_steps: int
+    steps: int
+    weight_decay: float
+    grad_clip: float
+
+    @classmethod
+    def from_config(cls, pc, num_origins: int) -> "StepSettings":
+        return cls(pc.loss, pc.temperature, num_origins, pc.learning_rate, pc.warmup_steps, pc.steps,
+                   pc.weight_decay, pc.grad_clip)
+
+    def schedule(self) -> optax.Schedule:
+        """Linear warm-up to the peak learning rate, then cosine decay to 10% of it at `steps`."""
+        return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, self.warmup_steps,
+                                                  max(self.steps, self.warmup_steps + 1), self.learning_rate * 0.1)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """AdamW (weight decay on matrices only) on `schedule`, after global-norm clipping."""
+        decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+        return optax.chain(optax.clip_by_global_norm(self.grad_clip),
+                           optax.adamw(self.schedule(), b1=0.9, b2=0.95, weight_decay=self.weight_decay,
+                                       mask=decay_mask))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mtp", "settings"), donate_argnums=0)
+def train_step(state: TrainState, frozen, batch, *, cfg: TransformerConfig, mtp: MTPConfig, settings: StepSettings):
+    """One update of the heads: (state, frozen {embedding, w_vocab}, batch) -> (state, metrics)."""
+
+    def loss_fn(params):
+        inputs = draft_inputs(cfg, mtp, params, frozen["embedding"], batch, settings.num_origins)
+        return draft_loss(settings.loss, *inputs, frozen["w_vocab"], settings.temperature)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = settings.optimizer().update(grads, state.opt_state, state.params)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+# Settings that define a run: resuming with any of them changed is refused.
+_RUN_IDENTITY = ("loss", "temperature", "batch_size", "seq_len", "pack", "init", "seed", "learning_rate",
+                 "warmup_steps", "weight_decay", "grad_clip")
+
+
+def _run_meta(cfg: Config, model: LoadedModel, mtp: MTPConfig) -> dict:
+    return {"mtp": dataclasses.asdict(mtp), "loss": cfg.pretrain.loss, "model": cfg.model.source,
+            "trunk": {"family": model.cfg.family, "hidden_size": model.cfg.hidden_size,
+                      "vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers},
+            "data": cfg.data.corpus or os.path.join(cfg.data.dir, "train"), "config": to_dict(cfg)}
+
+
+def _check_resume(saved: dict, meta: dict, run_dir: str) -> None:
+    old, new = saved["config"]["pretrain"], meta["config"]["pretrain"]
+    changed = [f"pretrain.{k}" for k in _RUN_IDENTITY if old.get(k) != new.get(k)]
+    changed += [k for k in ("mtp", "model", "trunk", "data") if saved.get(k) != meta.get(k)]
+    if changed:
+        raise ValueError(f"pretrain.run_dir '{run_dir}' holds a run with other settings ({', '.join(changed)}); "
+                         "choose another run_dir or restore the settings")
+
+
+def _check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"pretrain-mtp: the loss is {loss} at step {step}; stopping (the last "
+                                 "checkpoint is kept; lower pretrain.learning_rate or check the data)")
+
+
+def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) -> dict:
+    """Trains (or resumes) the heads of `cfg` for `pretrain.steps` steps; returns the run summary with
+    the per-step losses of this invocation (`history`)."""
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    pc = cfg.pretrain
+    t_start = time.perf_counter()
+    model = model or load_model(cfg.model.source, cfg.model.dtype)
+    mtp = MTPConfig(cfg.mtp.num_steps, cfg.mtp.num_layers)
+    rows = data_lib.layout_rows(data_lib.training_sequences(cfg, model.tokenizer), pc.seq_len, pc.pack)
+    num_origins = data_lib.max_loss_origins(rows, mtp.num_steps)
+    t0 = time.perf_counter()
+    hidden = hidden_cache(model, rows, pc.cache_dir, progress=progress) if pc.cache_hidden else None
+    cache_seconds = time.perf_counter() - t0
+    data_iter = data_lib.row_iterator(data_lib.RowSource(rows, hidden), pc.batch_size, pc.seed)
+
+    settings = StepSettings.from_config(pc, num_origins)
+    params = init_heads(model, mtp, pc.init, jax.random.key(pc.seed))
+    state = TrainState(jnp.int32(0), params, settings.optimizer().init(params))
+    meta = _run_meta(cfg, model, mtp)
+    ckpt = RunCheckpoints(pc.run_dir)
+    start = ckpt.latest_step()
+    if start is not None:
+        _check_resume(ckpt.read_meta(start), meta, pc.run_dir)
+        state, _ = ckpt.restore(start, state, data_iter)
+    start = int(state.step)
+    frozen = {"embedding": model.params["embedding"], "w_vocab": vocab_matrix(model.cfg, model.params)}
+    writer = SummaryWriter(os.path.join(pc.run_dir, "tb"))
+    history, metrics = [], {}
+    bar = tqdm(total=pc.steps, initial=start, desc=f"pretrain-mtp {pc.loss}", disable=not progress)
+    t_loop = time.perf_counter()
+    try:
+        for step in range(start + 1, pc.steps + 1):
+            batch = next(data_iter)
+            if hidden is None:
+                batch["hidden"] = trunk_hidden(model.params, batch["tokens"], batch["positions"],
+                                               batch["segment_ids"], cfg=model.cfg)
+            state, metrics = train_step(state, frozen, batch, cfg=model.cfg, mtp=mtp, settings=settings)
+            loss = float(metrics["loss"])
+            _check_finite(loss, step)
+            history.append({"step": step, "loss": loss})
+            if step % pc.log_every == 0 or step == pc.steps:
+                m = jax.device_get(metrics)
+                scalars = {"loss": loss, "expected_length": float(m["expected_length"]),
+                           "grad_norm": float(m["grad_norm"]), "learning_rate": float(settings.schedule()(step - 1))}
+                scalars |= {f"alpha_{k + 1}": float(a) for k, a in enumerate(m["alpha"])}
+                for name, value in scalars.items():
+                    writer.add_scalar(f"train/{name}", value, step)
+                bar.set_postfix(loss=f"{loss:.4f}", a1=f"{scalars['alpha_1']:.3f}",
+                                len=f"{scalars['expected_length']:.3f}")
+            bar.update(1)
+            if step % pc.checkpoint_every == 0 or step == pc.steps:
+                ckpt.save(step, jax.tree.map(np.array, state), data_iter, meta)
+        if start == pc.steps == 0:
+            ckpt.save(0, jax.tree.map(np.array, state), data_iter, meta)  # steps=0: keep the initial heads
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    train_seconds = time.perf_counter() - t_loop
+    last = jax.device_get(metrics)
+    summary = {"loss_kind": pc.loss, "steps": pc.steps, "resumed_from": start, "rows": len(rows),
+               "origins_per_row": num_origins, "cache_hidden": pc.cache_hidden,
+               "hidden_cache_seconds": round(cache_seconds, 2), "train_seconds": round(train_seconds, 2),
+               "total_seconds": round(time.perf_counter() - t_start, 2),
+               "final": {"loss": history[-1]["loss"] if history else None,
+                         "alpha": [float(a) for a in last["alpha"]] if last else None,
+                         "expected_length": float(last["expected_length"]) if last else None}}
+    with open(os.path.join(pc.run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary | {"history": history}
+

@@ -1,0 +1,231 @@
+"""One device mesh (`data`, `fsdp`, `tensor`), one logical-axis rules table, and jit with shardings.
+
+Layers name logical axes only (`embed`, `mlp`, `activation_batch`, ...: see `model/transformer.py`);
+`DEFAULT_RULES` maps each to mesh axes, and `mesh.rules` in the config overrides single entries:
+
+    mesh = make_mesh(cfg.mesh)
+    rules = make_rules(mesh, cfg.mesh.rules, trunk_dims(model_cfg))
+    params = shard_params(params, model_cfg, mesh, rules)
+    state_sh = logical_to_sharding(jax.eval_shape(init_state, abstract_params(model_cfg)), mesh, rules)
+    step = sharded_jit(train_step, mesh, rules, in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, None), donate_argnums=0)
+
+A dimension that its mesh axes do not divide is sharded over the longest prefix of those axes that
+does divide it, replicated if none does (SmolLM2's 3 KV heads on `tensor=2`): parameters and inputs
+through `partition_spec`, activations through `make_rules(..., dims)`, which fits the table to the
+model's sizes so that a layer's activation constraints agree with its parameters.
+
+Not here on purpose: multi-slice (DCN) meshes, pipeline parallelism, sequence parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bebop_jax.config import MeshConfig
+from bebop_jax.model.transformer import Transformer, TransformerConfig
+
+AXES = ("data", "fsdp", "tensor")
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+# Batch over both data-parallel axes; model width over fsdp (ZeRO-3); heads, MLP width and vocabulary
+# over tensor (Megatron); sequence, head dim and norms unsharded. The residual stream between layers
+# is replicated over tensor (one all-reduce after attention and after the MLP).
+DEFAULT_RULES: Rules = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+    ("cache_kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+
+def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes for `num_devices`, the -1 axis taking the devices left over."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    described = " x ".join(f"{name}={size}" for name, size in zip(AXES, sizes))
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise ValueError(f"mesh {described}: {num_devices} devices are not a multiple of {fixed}")
+        sizes[sizes.index(-1)] = num_devices // fixed
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {described} needs {math.prod(sizes)} devices, but {num_devices} are there "
+                         "(set one of mesh.data / mesh.fsdp / mesh.tensor to -1 to take the rest)")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    Axes are `Auto` (jax.make_mesh's default, Explicit, rejects plain sharded steps: MACHINE.md);
+    on TPU jax.make_mesh orders the devices along the physical interconnect.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _fit(axes: MeshAxes, mesh: Mesh, size: int | None) -> MeshAxes:
+    """The longest prefix of `axes` whose mesh sizes divide `size` (all of them when size is None)."""
+    names = _as_tuple(axes)
+    for name in names:
+        if name not in mesh.shape:
+            raise ValueError(f"rules name mesh axis '{name}', which the mesh lacks (axes: {', '.join(mesh.shape)})")
+    if size is not None:
+        while names and size % math.prod(mesh.shape[n] for n in names):
+            names = names[:-1]
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else names
+
+
+def make_rules(mesh: Mesh, overrides: Sequence[tuple[str, MeshAxes]] = (),
+               dims: Mapping[str, int] | None = None) -> Rules:
+    """DEFAULT_RULES with `overrides` (config `mesh.rules`) replacing entries by logical name, fitted to
+    `dims` (logical axis -> size, e.g. `trunk_dims(cfg)`): an axis is sharded only where it divides."""
+    table = dict(DEFAULT_RULES)
+    for logical, axes in overrides:
+        if logical not in table:
+            raise ValueError(f"mesh.rules names logical axis '{logical}', which no layer uses; "
+                             f"logical axes: {', '.join(table)}")
+        table[logical] = axes
+    dims = dims or {}
+    return tuple((logical, _fit(axes, mesh, dims.get(logical))) for logical, axes in table.items())
+
+
+def trunk_dims(cfg: TransformerConfig) -> dict[str, int]:
+    """Sizes of the trunk's model-shaped logical axes (batch and length vary per call; `norm` is D or H)."""
+    return {"vocab": cfg.vocab_size, "embed": cfg.hidden_size, "activation_embed": cfg.hidden_size,
+            "q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "cache_kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size, "activation_mlp": cfg.intermediate_size}
+
+
+def partition_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
+    """Mesh PartitionSpec of an array of `shape` whose dimensions carry logical `names`.
+
+    Rules resolve as flax does (first matching rule wins, a mesh axis is used once per array); a
+    dimension its mesh axes do not divide keeps the longest prefix that divides it, or is replicated.
+    """
+    names = tuple(names)
+    if len(names) != len(shape):
+        raise ValueError(f"logical axes {names} name {len(names)} dimensions, but the array has shape {tuple(shape)}")
+    axes = nn.logical_to_mesh_axes(names, rules)
+    return PartitionSpec(*(_fit(a, mesh, d) for a, d in zip(axes, shape)))
+
+
+def named_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
+    """NamedSharding of one array with logical `names` (see `partition_spec`)."""
+    return NamedSharding(mesh, partition_spec(names, shape, mesh, rules))
+
+
+def batch_sharding(shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Sharding of a data array [B, ...]: rows over `activation_batch`'s axes, the rest replicated."""
+    return named_sharding(("activation_batch",) + (None,) * (len(shape) - 1), shape, mesh, rules)
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def logical_to_sharding(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for an abstract tree whose leaves carry logical names.
+
+    `abstract_tree` is what `jax.eval_shape` gives for a state built from boxed parameters (e.g.
+    `{"params": abstract_params(cfg), "opt": tx.init(...)}`: optax keeps the boxes on moments):
+    each `nn.LogicallyPartitioned` box becomes a sharded leaf, every other leaf (step counters,
+    RNG keys) is replicated. The result has the structure of the unboxed tree.
+    """
+    def leaf(x):
+        if _is_box(x):
+            return named_sharding(x.names, x.value.shape, mesh, rules)
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(leaf, abstract_tree, is_leaf=_is_box)
+
+
+def sharded_abstract(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """The unboxed tree as ShapeDtypeStructs carrying their shardings: a restore target for orbax."""
+    shardings = logical_to_sharding(abstract_tree, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.meta.unbox(abstract_tree), shardings)
+
+
+def abstract_params(cfg: TransformerConfig) -> dict:
+    """The trunk's parameters as ShapeDtypeStructs inside their `nn.LogicallyPartitioned` boxes."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), tokens, tokens))["params"]
+
+
+def param_shardings(cfg: TransformerConfig, mesh: Mesh, rules: Rules) -> dict:
+    """NamedShardings of the trunk's parameters, shaped like `init_params(cfg, key)`."""
+    return logical_to_sharding(abstract_params(cfg), mesh, rules)
+
+
+def shard_params(params: dict, cfg: TransformerConfig, mesh: Mesh, rules: Rules) -> dict:
+    """Places the trunk's parameters (host or device arrays, identical on every process) on the mesh."""
+    return jax.device_put(params, param_shardings(cfg, mesh, rules))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules):
+    """Makes `mesh` and `rules` current, so the model's `nn.with_logical_constraint` calls apply.
+
+    Only calls traced inside take effect (flax's rules are no part of jit's cache key): run every call
+    of one jitted function under the same mesh and rules, as `sharded_jit` does.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedFunction:
+    """A jitted function bound to the mesh and rules it is traced under."""
+
+    jitted: Any
+    mesh: Mesh
+    rules: Rules
+
+    def __call__(self, *args, **kwargs):
+        with use_mesh(self.mesh, self.rules):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        """Ahead-of-time lowering (arguments may be ShapeDtypeStructs): `.lower(...).compile()`."""
+        with use_mesh(self.mesh, self.rules):
+            return self.jitted.lower(*args, **kwargs)
+
+
+def sharded_jit(fn: Callable, mesh: Mesh, rules: Rules, *, in_shardings: Any, out_shardings: Any,
+                donate_argnums: int | Sequence[int] = (), static_argnames: str | Sequence[str] = ()) -> ShardedFunction:
+    """`jax.jit(fn, in_shardings=, out_shardings=, donate_argnums=)` traced and run under `use_mesh`.
+
+    Shardings are pytrees of NamedSharding matching the arguments / outputs (None leaves: let XLA
+    choose). Donated arguments (the train state, a decode state with its KV cache) are updated in place.
+    """
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=donate_argnums, static_argnames=static_argnames)
+    return ShardedFunction(jitted, mesh, rules)

@@ -1,0 +1,263 @@
+"""Speculative rollouts: the MTP heads draft K tokens, one trunk forward verifies them, rejection
+sampling keeps the output distributed exactly as plain sampling (DESIGN.md, Speculative rollout).
+
+One verify step of sequence b, whose newest token x_n sits at position n (not yet in the trunk cache)
+and whose step-1 draft state h^1_{n-1} is known:
+  1. draft: d_1 ~ q_1 = softmax(LMHead(h^1_{n-1}) / T); for k = 2..K the MTP step k at position n+k-1
+     takes (E d_{k-1}, h^{k-1}) and gives q_k, d_k (argmax in `greedy_draft` mode);
+  2. verify: the trunk runs [x_n, d_1..d_K] at positions n..n+K -> p_1..p_{K+1};
+  3. `rejection_sample` emits 1..K+1 tokens (cut at EOS and at max_new_tokens);
+  4. the MTP step 1 is re-run on the accepted positions with the true trunk hidden states, which
+     also yields the next h^1 for drafting.
+Mode `none` is plain decoding through the same loop (no drafts, one token per step), so plain and
+speculative runs are compared like for like. All of it is one jitted prefill and one jitted
+`lax.while_loop`; each sequence keeps its own position, and slots written by rejected drafts are
+overwritten later. Per emitted token the policy log-prob and entropy (at the sampling temperature)
+are recorded; per step the accepted count.
+
+With num_layers > 1 only the first MTP layer's cache is refreshed with true states; the later layers
+see their own draft-time states at older positions (as serving engines do for chained drafts).
+Shape letters: B batch, K drafts, R = K + 1, N max new tokens, V vocab, D width, P prompt width.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bebop_jax import sampling
+from bebop_jax.generate import cache_length_for, check_lengths, pad_prompts
+from bebop_jax.model.mtp import MTPConfig, MTPHeads, init_mtp_cache
+from bebop_jax.model.transformer import Transformer, TransformerConfig, init_cache
+from kernels_pallas.rejection_sampling import rejection_sample
+
+MODES = ("none", "rejection", "greedy_draft", "block")
+
+
+@flax.struct.dataclass
+class SpecState:
+    """Carry of the speculative loop. Per-token arrays are [B, N + R] (room for one overshooting step)."""
+
+    step: jax.Array  # [] verify steps taken
+    tokens: jax.Array  # [B, N+R] int32 emitted tokens, -1 after the end
+    logprobs: jax.Array  # [B, N+R] f32 log p(token) under the policy at temperature T
+    entropies: jax.Array  # [B, N+R] f32 entropy of p (nats)
+    num_tokens: jax.Array  # [B] int32 emitted so far (EOS included)
+    position: jax.Array  # [B] int32 position of the newest token x_n
+    draft_hidden: jax.Array  # [B, D] h^1_{n-1}: the MTP step-1 state that drafts d_1
+    done: jax.Array  # [B] bool
+    trunk_cache: tuple
+    mtp_cache: tuple
+    key: jax.Array
+    verify_steps: jax.Array  # [B] int32 verify steps taken while active
+    accepted: jax.Array  # [B] int32 drafts accepted in total
+    accepted_at: jax.Array  # [K] int32 steps (all rows) whose draft k was accepted
+    emitted_per_step: jax.Array  # [N, B] int32 tokens emitted at each verify step (0 when inactive)
+
+
+def _fns(cfg: TransformerConfig, mtp_cfg: MTPConfig | None):
+    trunk = Transformer(cfg)
+    heads = MTPHeads(cfg, mtp_cfg) if mtp_cfg is not None else None
+
+    def forward(params, tokens, positions, cache):
+        return trunk.apply({"params": params}, tokens, positions, cache)
+
+    def logits(params, hidden):
+        return trunk.apply({"params": params}, hidden, method=Transformer.logits)
+
+    def embed(params, tokens):
+        return trunk.apply({"params": params}, jnp.maximum(tokens, 0), method=Transformer.embed)
+
+    def mtp_step(mtp_params, k, emb, h_prev, positions, cache):
+        return heads.apply({"params": mtp_params}, k, emb, h_prev, positions, cache, method=MTPHeads.step)
+
+    return forward, logits, embed, mtp_step
+
+
+def _mtp_refresh(mtp_step, params, mtp_params, embed, mtp_cfg, tokens_next, hidden, positions, mtp_cache):
+    """MTP step 1 over origins with known trunk states: tokens_next [B,W] = x_{j+1}, hidden [B,W,D] = h^0_j,
+    positions [B,W] = j + 1. Writes layer 0's cache; returns (h^1 [B,W,D], mtp_cache)."""
+    h1, layer0 = mtp_step(mtp_params, 1, embed(params, tokens_next), hidden, positions, mtp_cache[0])
+    return h1, (layer0,) + tuple(mtp_cache[1:])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mtp_cfg", "num_draft", "max_new_tokens", "cache_len",
+                                             "temperature", "top_p", "eos_ids"))
+def prefill(params, mtp_params, tokens, lengths, key, *, cfg, mtp_cfg, num_draft, max_new_tokens, cache_len,
+            temperature, top_p, eos_ids) -> SpecState:
+    """Runs the prompts [B, P] (lengths [B]), samples the first token, primes the MTP step-1 cache."""
+    forward, logits, embed, mtp_step = _fns(cfg, mtp_cfg)
+    B, P = tokens.shape
+    R, N = num_draft + 1, max_new_tokens
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    hidden, trunk_cache = forward(params, tokens, positions, init_cache(cfg, B, cache_len))
+    rows = jnp.arange(B)
+    last_logits = logits(params, hidden[rows, lengths - 1])  # [B, V]
+    key, sub = jax.random.split(key)
+    first = sampling.sample(sub, last_logits, temperature, top_p)  # [B]
+    logp, ent = sampling.token_logprob_and_entropy(last_logits, first, temperature)
+    if mtp_cfg is not None and num_draft > 0:
+        nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1).at[rows, lengths - 1].set(first)
+        h1, mtp_cache = _mtp_refresh(mtp_step, params, mtp_params, embed, mtp_cfg, nxt, hidden, positions + 1,
+                                     init_mtp_cache(cfg, mtp_cfg, B, cache_len))
+        draft_hidden = h1[rows, lengths - 1]
+    else:
+        mtp_cache, draft_hidden = (), jnp.zeros((B, cfg.hidden_size), cfg.compute_dtype)
+    width = N + R
+    done = sampling.is_eos(first, eos_ids) | (N == 1)
+    return SpecState(
+        step=jnp.int32(0),
+        tokens=jnp.full((B, width), -1, jnp.int32).at[:, 0].set(first),
+        logprobs=jnp.zeros((B, width), jnp.float32).at[:, 0].set(logp),
+        entropies=jnp.zeros((B, width), jnp.float32).at[:, 0].set(ent),
+        num_tokens=jnp.ones((B,), jnp.int32), position=lengths.astype(jnp.int32), draft_hidden=draft_hidden,
+        done=done, trunk_cache=trunk_cache, mtp_cache=mtp_cache, key=key,
+        verify_steps=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32),
+        accepted_at=jnp.zeros((max(num_draft, 1),), jnp.int32), emitted_per_step=jnp.zeros((N, B), jnp.int32))
+
+
+def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, logits, embed, num_draft, mode, temperature, top_p):
+    """Drafts K tokens from h^1_{n-1}: (draft_tokens [B,K], draft_probs [B,K,V], mtp_cache)."""
+    h, cache = s.draft_hidden, s.mtp_cache
+    toks, probs = [], []
+    for k in range(1, num_draft + 1):
+        if k > 1:
+            i = (k - 1) % len(cache)  # the layer MTPHeads.step uses for step k
+            out, layer_cache = mtp_step(mtp_params, k, embed(params, toks[-1][:, None]), h[:, None],
+                                        (s.position + k - 1)[:, None], cache[i])
+            cache = cache[:i] + (layer_cache,) + cache[i + 1:]
+            h = out[:, 0]
+        q = sampling.probs_from_logits(logits(params, h), temperature, top_p)  # [B, V]
+        key, sub = jax.random.split(key)
+        if mode == "greedy_draft" or temperature == 0.0:
+            d = jnp.argmax(q, axis=-1).astype(jnp.int32)
+        else:
+            d = jax.random.categorical(sub, jnp.log(q), axis=-1).astype(jnp.int32)
+        toks.append(d)
+        probs.append(q)
+    return jnp.stack(toks, axis=1), jnp.stack(probs, axis=1), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mtp_cfg", "num_draft", "mode", "temperature", "top_p",
+                                             "eos_ids", "sampler"), donate_argnums=(2,))
+def decode(params, mtp_params, state: SpecState, *, cfg, mtp_cfg, num_draft, mode, temperature, top_p, eos_ids,
+           sampler=None) -> SpecState:
+    """Verify steps until every sequence is done. `sampler`: rejection_sample implementation (None = auto)."""
+    forward, logits, embed, mtp_step = _fns(cfg, mtp_cfg)
+    B, width = state.tokens.shape
+    K, R = num_draft, num_draft + 1
+    N = width - R
+    rows = jnp.arange(B)
+
+    def cond(s: SpecState):
+        return (s.step < N) & ~jnp.all(s.done)
+
+    def body(s: SpecState):
+        key, k_draft, k_verify = jax.random.split(s.key, 3)
+        last = jnp.maximum(s.tokens[rows, s.num_tokens - 1], 0)  # [B] x_n (finished rows: a dummy)
+        if K > 0:
+            drafts, draft_probs, mtp_cache = _draft(
+                params, mtp_params, s, k_draft, mtp_step=mtp_step, logits=logits, embed=embed, num_draft=K,
+                mode=mode, temperature=temperature, top_p=top_p)
+            verify_in = jnp.concatenate([last[:, None], drafts], axis=1)  # [B, R]
+        else:
+            verify_in, mtp_cache = last[:, None], s.mtp_cache
+        positions = s.position[:, None] + jnp.arange(R, dtype=jnp.int32)  # [B, R]
+        hidden, trunk_cache = forward(params, verify_in, positions, s.trunk_cache)  # [B, R, D]
+        target_logits = logits(params, hidden)  # [B, R, V]
+        target_probs = sampling.probs_from_logits(target_logits, temperature, top_p)
+        if K > 0:
+            out, n_out = rejection_sample(drafts, draft_probs, target_probs, k_verify, mode=mode,
+                                          implementation=sampler, validate=False)
+        else:
+            out = sampling.sample(k_verify, target_logits, temperature, top_p)  # [B, 1]
+            n_out = jnp.ones((B,), jnp.int32)
+        j = jnp.arange(R)[None, :]  # [1, R]
+        emitted = j < n_out[:, None]
+        is_eos = emitted & sampling.is_eos(out, eos_ids)
+        hit_eos = jnp.any(is_eos, axis=1)
+        count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, n_out)
+        count = jnp.minimum(count, N - s.num_tokens)
+        count = jnp.where(s.done, 0, count)  # [B] tokens this step adds
+        logp, ent = sampling.token_logprob_and_entropy(target_logits, out, temperature)  # [B, R]
+        write = jnp.where(j < count[:, None], s.num_tokens[:, None] + j, width)  # out of range -> dropped
+        tokens = s.tokens.at[rows[:, None], write].set(out, mode="drop")
+        logprobs = s.logprobs.at[rows[:, None], write].set(logp, mode="drop")
+        entropies = s.entropies.at[rows[:, None], write].set(ent, mode="drop")
+        active = ~s.done
+        num_tokens = s.num_tokens + count
+        done = s.done | (hit_eos & (count > 0)) | (num_tokens >= N)
+        draft_hidden = s.draft_hidden
+        if K > 0:
+            h1, mtp_cache = _mtp_refresh(mtp_step, params, mtp_params, embed, mtp_cfg, out, hidden,
+                                         positions + 1, mtp_cache)
+            draft_hidden = h1[rows, jnp.maximum(count, 1) - 1]
+        n_acc = jnp.where(active, n_out - 1, 0)
+        return SpecState(
+            step=s.step + 1, tokens=tokens, logprobs=logprobs, entropies=entropies, num_tokens=num_tokens,
+            position=s.position + count, draft_hidden=draft_hidden, done=done, trunk_cache=trunk_cache,
+            mtp_cache=mtp_cache, key=key, verify_steps=s.verify_steps + active.astype(jnp.int32),
+            accepted=s.accepted + n_acc,
+            accepted_at=s.accepted_at + jnp.sum((n_acc[:, None] > jnp.arange(s.accepted_at.shape[0])[None])
+                                                & active[:, None], axis=0).astype(jnp.int32),
+            emitted_per_step=s.emitted_per_step.at[s.step].set(count))
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+@flax.struct.dataclass
+class Rollout:
+    """What a speculative (or plain) generation returns, as numpy arrays; N = max_new_tokens."""
+
+    tokens: np.ndarray  # [B, N] int32, -1 after each sequence's end
+    num_tokens: np.ndarray  # [B] int32
+    logprobs: np.ndarray  # [B, N] f32 behaviour log-probs of the emitted tokens
+    entropies: np.ndarray  # [B, N] f32 policy entropy at each emitted token
+    verify_steps: np.ndarray  # [B] verify (policy forward) steps per sequence
+    accepted: np.ndarray  # [B] accepted drafts per sequence
+    accepted_at: np.ndarray  # [K] steps whose draft k was accepted (summed over the batch)
+    emitted_per_step: np.ndarray  # [steps, B] tokens emitted per verify step (0 when inactive)
+
+    def metrics(self, num_draft: int) -> dict[str, float]:
+        """draft_acceptance_rate, draft_mean_acceptance_length, draft_acceptance_rate_pos_{i}, tokens/step."""
+        steps = max(int(self.verify_steps.sum()), 1)
+        out = {"tokens_per_step": float(self.num_tokens.sum() - len(self.num_tokens)) / steps}
+        if num_draft > 0:
+            out["draft_acceptance_rate"] = float(self.accepted.sum()) / (steps * num_draft)
+            out["draft_mean_acceptance_length"] = 1.0 + float(self.accepted.sum()) / steps
+            for i in range(num_draft):
+                out[f"draft_acceptance_rate_pos_{i}"] = float(self.accepted_at[i]) / steps
+        return out
+
+
+def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]], key: jax.Array, *,
+                         mtp_params=None, mtp_cfg: MTPConfig | None = None, mode: str = "rejection",
+                         num_draft: int = 3, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
+                         eos_ids: tuple[int, ...] = (), max_seq_len: int | None = None, sampler=None) -> Rollout:
+    """Generates from token-list prompts with MTP drafts verified by `mode` (or plain, mode='none')."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "none":
+        num_draft, mtp_cfg, mtp_params = 0, None, None
+    else:
+        if mtp_cfg is None or mtp_params is None:
+            raise ValueError(f"mode {mode!r} needs MTP heads (mtp_cfg and mtp_params); use mode='none' without them")
+        if not 1 <= num_draft <= mtp_cfg.num_steps:
+            raise ValueError(f"num_draft must be in 1..{mtp_cfg.num_steps} (the heads' steps), got {num_draft}")
+    tokens, lengths = pad_prompts(prompts)
+    check_lengths(lengths, max_new_tokens, max_seq_len or cfg.max_position_embeddings)
+    static = dict(cfg=cfg, mtp_cfg=mtp_cfg, num_draft=num_draft, temperature=float(temperature), top_p=float(top_p),
+                  eos_ids=tuple(eos_ids))
+    cache_len = cache_length_for(tokens.shape[1], max_new_tokens, extra=num_draft + 2)
+    state = prefill(params, mtp_params, tokens, lengths, key, max_new_tokens=max_new_tokens, cache_len=cache_len,
+                    **static)
+    state = decode(params, mtp_params, state, mode=mode, sampler=sampler, **static)
+    state = jax.device_get(state)
+    N, steps = max_new_tokens, int(state.step)
+    return Rollout(tokens=state.tokens[:, :N], num_tokens=state.num_tokens, logprobs=state.logprobs[:, :N],
+                   entropies=state.entropies[:, :N], verify_steps=state.verify_steps, accepted=state.accepted,
+                   accepted_at=state.accepted_at[:num_draft], emitted_per_step=state.emitted_per_step[:steps])
