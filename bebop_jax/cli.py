@@ -22,12 +22,20 @@ _GENERATE_FLAGS = {
     "--top-p": ("generate.top_p", dict(type=float)),
     "--seed": ("generate.seed", dict(type=int)),
     "--chat": ("generate.chat", dict(action="store_const", const="true", help="wrap prompts in the chat template")),
+    "--speculative": ("speculative.mode", dict(action="store_const", const="rejection",
+                                               help="draft with MTP heads, verify by rejection sampling")),
+    "--mode": ("speculative.mode", dict(help="none | rejection | greedy_draft | block")),
+    "--mtp": ("speculative.mtp_checkpoint", dict(help="MTP heads: a pretrain-mtp run dir or an HF dir with mtp.*")),
+    "--num-draft": ("speculative.num_draft", dict(type=int, help="K drafts per verify step")),
+    "--draft-vocab": ("speculative.draft_vocab", dict(type=int, help="draft from this many ids (0 = all)")),
 }
 
 
 def _add_config_args(parser: argparse.ArgumentParser, flags: dict) -> None:
     parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
     for flag, (key, kwargs) in flags.items():
+        if kwargs.get("action") is None:
+            kwargs = {"metavar": flag.lstrip("-").upper().replace("-", "_"), **kwargs}
         parser.add_argument(flag, dest=key, default=None, **kwargs)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
@@ -45,12 +53,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for i, p in enumerate(prompts):
         if not p.strip():
             raise SystemExit(f"error: prompt {i} is empty")
+    spec = cfg.speculative
+    if spec.mode != "none" and spec.mtp_checkpoint is None:
+        raise SystemExit(f"error: --mode {spec.mode} drafts with MTP heads: give --mtp RUN_DIR_OR_HF_DIR")
 
     import jax
     import numpy as np
 
-    from bebop_jax.generate import check_lengths, generate
+    from bebop_jax.checkpoint import load_mtp_heads
+    from bebop_jax.generate import check_lengths
     from bebop_jax.model import load_model
+    from bebop_jax.speculative import speculative_generate
 
     g = cfg.generate
     t0 = time.perf_counter()
@@ -64,22 +77,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
         check_lengths(np.array([len(i) for i in ids]), g.max_new_tokens, max_len)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    mtp_cfg = mtp_params = draft_ids = None
+    if spec.mode != "none":
+        mtp_cfg, mtp_params = load_mtp_heads(spec.mtp_checkpoint)
+        if spec.draft_vocab:  # BPE ids are merge-ordered, a proxy for frequency when no counts are at hand
+            draft_ids = np.union1d(np.arange(min(spec.draft_vocab, model.cfg.vocab_size)), tok.eos_token_ids)
     print(f"loaded {model.source} ({model.cfg.family}, {model.cfg.num_layers} layers) in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
-    kw = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-              eos_ids=tok.eos_token_ids, max_seq_len=max_len)
+    kw = dict(mtp_params=mtp_params, mtp_cfg=mtp_cfg, mode=spec.mode, num_draft=spec.num_draft,
+              max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, eos_ids=tok.eos_token_ids,
+              max_seq_len=max_len, draft_ids=draft_ids)
     key = jax.random.key(g.seed)
     t0 = time.perf_counter()
-    generate(model.params, model.cfg, ids, key, **kw)  # compile (and warm up) once
+    try:
+        speculative_generate(model.params, model.cfg, ids, key, **kw)  # compile (and warm up) once
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tokens, counts = generate(model.params, model.cfg, ids, key, **kw)
+    rollout = speculative_generate(model.params, model.cfg, ids, key, **kw)
     elapsed = time.perf_counter() - t0
-    for prompt, row, n in zip(prompts, tokens, counts):
+    for prompt, row, n in zip(prompts, rollout.tokens, rollout.num_tokens):
         print(f"### prompt: {prompt}\n{tok.decode(row[:n])}\n")
-    total = int(counts.sum())
+    total = int(rollout.num_tokens.sum())
     print(f"{total} tokens in {elapsed:.2f}s: {total / elapsed:.1f} tokens/s "
-          f"(batch {len(prompts)}, compile + first run {compile_s:.1f}s)")
+          f"(batch {len(prompts)}, mode {spec.mode}, compile + first run {compile_s:.1f}s)")
+    if spec.mode != "none":
+        metrics = rollout.metrics(spec.num_draft)
+        print("  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -185,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bebop", description="bebop-jax: MTP speculative rollouts for LLM RL")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text from prompts (plain decoding)")
+    gen = sub.add_parser("generate", help="generate text from prompts (plain or speculative decoding)")
     _add_config_args(gen, _GENERATE_FLAGS)
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     gen.set_defaults(func=cmd_generate)

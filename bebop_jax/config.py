@@ -177,6 +177,21 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """How rollouts draft and verify (`bebop generate --speculative`, the RL actor, the benchmarks)."""
+
+    mode: Literal["none", "rejection", "greedy_draft", "block"] = "none"  # none = plain decoding
+    num_draft: int = 3  # K drafts per verify step (<= the heads' mtp.num_steps)
+    mtp_checkpoint: str | None = None  # a pretrain-mtp run dir (latest step) or an HF dir with mtp.* tensors
+    draft_vocab: int = 0  # > 0: draft from the most frequent ids only (exact; cheaper LM head per draft)
+
+    def __post_init__(self):
+        _check_positive("speculative", self, "num_draft")
+        if self.draft_vocab < 0:
+            raise ConfigError(f"config key 'speculative.draft_vocab': expected >= 0, got {self.draft_vocab}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run configuration; one field per YAML section."""
 
@@ -187,6 +202,7 @@ class Config:
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
     eval: EvalConfig = EvalConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
 
 
 def _type_name(tp: Any) -> str:

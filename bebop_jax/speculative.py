@@ -31,7 +31,7 @@ import numpy as np
 
 from bebop_jax import sampling
 from bebop_jax.generate import cache_length_for, check_lengths, pad_prompts
-from bebop_jax.model.mtp import MTPConfig, MTPHeads, init_mtp_cache
+from bebop_jax.model.mtp import MTPConfig, MTPHeads, init_mtp_cache, vocab_matrix
 from bebop_jax.model.transformer import Transformer, TransformerConfig, init_cache
 from kernels_pallas.rejection_sampling import rejection_sample
 
@@ -120,8 +120,13 @@ def prefill(params, mtp_params, tokens, lengths, key, *, cfg, mtp_cfg, num_draft
         accepted_at=jnp.zeros((max(num_draft, 1),), jnp.int32), emitted_per_step=jnp.zeros((N, B), jnp.int32))
 
 
-def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, logits, embed, num_draft, mode, temperature, top_p):
-    """Drafts K tokens from h^1_{n-1}: (draft_tokens [B,K], draft_probs [B,K,V], mtp_cache)."""
+def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, embed, num_draft, mode, temperature,
+           top_p, draft_ids, vocab_size):
+    """Drafts K tokens from h^1_{n-1}: (draft_tokens [B,K], draft_probs [B,K,V], mtp_cache).
+
+    With `draft_ids` [Vd] the heads score only that sub-vocabulary (q = 0 elsewhere: rejection
+    sampling stays exact, only acceptance can drop) and the LM-head cost per draft falls by V / Vd.
+    """
     h, cache = s.draft_hidden, s.mtp_cache
     toks, probs = [], []
     for k in range(1, num_draft + 1):
@@ -131,12 +136,15 @@ def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, logits, embed, nu
                                         (s.position + k - 1)[:, None], cache[i])
             cache = cache[:i] + (layer_cache,) + cache[i + 1:]
             h = out[:, 0]
-        q = sampling.probs_from_logits(logits(params, h), temperature, top_p)  # [B, V]
+        q = sampling.probs_from_logits(draft_logits(h), temperature, top_p)  # [B, Vd]
         key, sub = jax.random.split(key)
         if mode == "greedy_draft" or temperature == 0.0:
             d = jnp.argmax(q, axis=-1).astype(jnp.int32)
         else:
             d = jax.random.categorical(sub, jnp.log(q), axis=-1).astype(jnp.int32)
+        if draft_ids is not None:
+            d = draft_ids[d]
+            q = jnp.zeros((q.shape[0], vocab_size), q.dtype).at[:, draft_ids].set(q)
         toks.append(d)
         probs.append(q)
     return jnp.stack(toks, axis=1), jnp.stack(probs, axis=1), cache
@@ -144,10 +152,20 @@ def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, logits, embed, nu
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mtp_cfg", "num_draft", "mode", "temperature", "top_p",
                                              "eos_ids", "sampler"), donate_argnums=(2,))
-def decode(params, mtp_params, state: SpecState, *, cfg, mtp_cfg, num_draft, mode, temperature, top_p, eos_ids,
-           sampler=None) -> SpecState:
-    """Verify steps until every sequence is done. `sampler`: rejection_sample implementation (None = auto)."""
+def decode(params, mtp_params, state: SpecState, draft_ids=None, *, cfg, mtp_cfg, num_draft, mode, temperature, top_p,
+           eos_ids, sampler=None) -> SpecState:
+    """Verify steps until every sequence is done.
+
+    draft_ids [Vd] (optional): the draft sub-vocabulary. `sampler`: rejection_sample implementation.
+    """
     forward, logits, embed, mtp_step = _fns(cfg, mtp_cfg)
+    if draft_ids is None:
+        draft_logits = functools.partial(logits, params)
+    else:
+        w_draft = vocab_matrix(cfg, params)[draft_ids].astype(cfg.compute_dtype)  # [Vd, D], gathered once
+
+        def draft_logits(h):
+            return jnp.einsum("BD,VD->BV", h, w_draft, preferred_element_type=jnp.float32)
     B, width = state.tokens.shape
     K, R = num_draft, num_draft + 1
     N = width - R
@@ -161,8 +179,9 @@ def decode(params, mtp_params, state: SpecState, *, cfg, mtp_cfg, num_draft, mod
         last = jnp.maximum(s.tokens[rows, s.num_tokens - 1], 0)  # [B] x_n (finished rows: a dummy)
         if K > 0:
             drafts, draft_probs, mtp_cache = _draft(
-                params, mtp_params, s, k_draft, mtp_step=mtp_step, logits=logits, embed=embed, num_draft=K,
-                mode=mode, temperature=temperature, top_p=top_p)
+                params, mtp_params, s, k_draft, mtp_step=mtp_step, draft_logits=draft_logits, embed=embed,
+                num_draft=K, mode=mode, temperature=temperature, top_p=top_p, draft_ids=draft_ids,
+                vocab_size=cfg.vocab_size)
             verify_in = jnp.concatenate([last[:, None], drafts], axis=1)  # [B, R]
         else:
             verify_in, mtp_cache = last[:, None], s.mtp_cache
@@ -237,8 +256,12 @@ class Rollout:
 def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]], key: jax.Array, *,
                          mtp_params=None, mtp_cfg: MTPConfig | None = None, mode: str = "rejection",
                          num_draft: int = 3, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                         eos_ids: tuple[int, ...] = (), max_seq_len: int | None = None, sampler=None) -> Rollout:
-    """Generates from token-list prompts with MTP drafts verified by `mode` (or plain, mode='none')."""
+                         eos_ids: tuple[int, ...] = (), max_seq_len: int | None = None, sampler=None,
+                         draft_ids=None) -> Rollout:
+    """Generates from token-list prompts with MTP drafts verified by `mode` (or plain, mode='none').
+
+    draft_ids [Vd]: optional draft sub-vocabulary (e.g. `frequent_tokens`); exactness is unaffected.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "none":
@@ -255,9 +278,24 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
     cache_len = cache_length_for(tokens.shape[1], max_new_tokens, extra=num_draft + 2)
     state = prefill(params, mtp_params, tokens, lengths, key, max_new_tokens=max_new_tokens, cache_len=cache_len,
                     **static)
-    state = decode(params, mtp_params, state, mode=mode, sampler=sampler, **static)
+    ids = None if draft_ids is None or mode == "none" else jnp.asarray(draft_ids, jnp.int32)
+    state = decode(params, mtp_params, state, ids, mode=mode, sampler=sampler, **static)
     state = jax.device_get(state)
     N, steps = max_new_tokens, int(state.step)
     return Rollout(tokens=state.tokens[:, :N], num_tokens=state.num_tokens, logprobs=state.logprobs[:, :N],
                    entropies=state.entropies[:, :N], verify_steps=state.verify_steps, accepted=state.accepted,
                    accepted_at=state.accepted_at[:num_draft], emitted_per_step=state.emitted_per_step[:steps])
+
+
+def frequent_tokens(token_arrays, vocab_size: int, size: int, always: tuple[int, ...] = ()) -> np.ndarray:
+    """The `size` most frequent ids in `token_arrays` (iterable of int arrays; -1 ignored) plus `always`.
+
+    A frequency-ranked draft vocabulary (as in EAGLE-3 / FR-Spec), sorted ascending.
+    """
+    counts = np.zeros(vocab_size, np.int64)
+    for arr in token_arrays:
+        arr = np.asarray(arr).reshape(-1)
+        counts += np.bincount(arr[arr >= 0], minlength=vocab_size)[:vocab_size]
+    counts[list(always)] = counts.max() + 1
+    ranked = np.argsort(-counts, kind="stable")[:size]
+    return np.sort(ranked).astype(np.int32)

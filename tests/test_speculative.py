@@ -143,3 +143,20 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="num_draft must be in 1..2"):
         speculative_generate(params, cfg, [PROMPT], jax.random.key(0), mtp_params=mtp_params, mtp_cfg=mtp,
                              num_draft=3)
+
+
+def test_draft_sub_vocabulary_stays_exact_and_greedy():
+    """Drafting from a sub-vocabulary (q = 0 elsewhere) keeps T=0 output equal to plain greedy."""
+    cfg, params, mtp, mtp_params = _tiny(vocab=16, scale=3.0, mtp_steps=3)
+    from bebop_jax.speculative import frequent_tokens
+
+    ids = frequent_tokens([np.array([3, 3, 3, 5, 5, 7, -1])], 16, size=4, always=(0,))
+    np.testing.assert_array_equal(ids, [0, 3, 5, 7])
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    plain, _ = generate(params, cfg, prompts, jax.random.key(0), max_new_tokens=12)
+    r = speculative_generate(params, cfg, prompts, jax.random.key(5), mtp_params=mtp_params, mtp_cfg=mtp,
+                             num_draft=3, max_new_tokens=12, temperature=0.0, draft_ids=np.arange(8))
+    np.testing.assert_array_equal(r.tokens, plain)
+    r = speculative_generate(params, cfg, [PROMPT] * 64, jax.random.key(5), mtp_params=mtp_params, mtp_cfg=mtp,
+                             num_draft=3, max_new_tokens=8, temperature=1.0, draft_ids=np.arange(8))
+    assert (r.tokens[r.tokens >= 0] < 16).all() and r.metrics(3)["draft_acceptance_rate"] > 0
