@@ -192,6 +192,41 @@ class SpeculativeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """`bebop rl`: GRPO/PPO on an environment, rollouts by the `speculative` section's engine."""
+
+    environment: Literal["math", "code", "tool"] = "math"
+    env_source: str | None = None  # a JSONL file (GSM8K-format math, code problems); None = built-in
+    steps: int = 20  # learner updates
+    prompts_per_step: int = 4
+    group_size: int = 4  # G episodes per prompt (GRPO)
+    max_new_tokens: int = 96
+    max_prompt_tokens: int = 256
+    temperature: float = 1.0  # rollout temperature; log-probs are taken at it
+    learning_rate: float = 2e-6
+    clip_eps: float = 0.2
+    is_cap: float = 2.0  # truncation of the importance weight pi_prox / mu
+    kl_coef: float = 0.0  # > 0: k3 KL to the initial policy
+    loop: Literal["async", "sync"] = "async"
+    max_staleness: int = 1  # policy versions a trajectory may lag; older ones are dropped
+    publish_every: int = 1  # learner steps between weight publications to the actor
+    queue_size: int = 2
+    mtp_strategy: Literal["frozen", "online-ce", "online-tv"] = "frozen"
+    mtp_learning_rate: float = 1e-4
+    seed: int = 0
+    run_dir: str = "runs/rl"
+    checkpoint_every: int = 5
+
+    def __post_init__(self):
+        _check_positive("rl", self, "steps prompts_per_step group_size max_new_tokens publish_every queue_size "
+                        "checkpoint_every max_prompt_tokens")
+        if self.max_staleness < 0:
+            raise ConfigError(f"config key 'rl.max_staleness': expected >= 0, got {self.max_staleness}")
+        if self.temperature <= 0:
+            raise ConfigError(f"config key 'rl.temperature': expected > 0 (RL samples), got {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run configuration; one field per YAML section."""
 
@@ -203,6 +238,7 @@ class Config:
     pretrain: PretrainConfig = PretrainConfig()
     eval: EvalConfig = EvalConfig()
     speculative: SpeculativeConfig = SpeculativeConfig()
+    rl: RLConfig = RLConfig()
 
 
 def _type_name(tp: Any) -> str:

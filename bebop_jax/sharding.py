@@ -13,7 +13,9 @@ Layers name logical axes only (`embed`, `mlp`, `activation_batch`, ...: see `mod
 A dimension that its mesh axes do not divide is sharded over the longest prefix of those axes that
 does divide it, replicated if none does (SmolLM2's 3 KV heads on `tensor=2`): parameters and inputs
 through `partition_spec`, activations through `make_rules(..., dims)`, which fits the table to the
-model's sizes so that a layer's activation constraints agree with its parameters.
+model's sizes so that a layer's activation constraints agree with its parameters. Batch and length
+vary per call and are not fitted (XLA pads an uneven activation constraint): choose batch sizes that
+the data axes divide.
 
 Not here on purpose: multi-slice (DCN) meshes, pipeline parallelism, sequence parallelism.
 """
