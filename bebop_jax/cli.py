@@ -8,6 +8,7 @@ is validated before any model is loaded.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -206,6 +207,38 @@ def cmd_eval_acceptance(args: argparse.Namespace) -> None:
     print(f"wrote {args.out or args.heads + '/acceptance.json'} and .png")
 
 
+_RL_FLAGS = {
+    "--model": _GENERATE_FLAGS["--model"],
+    "--mode": _GENERATE_FLAGS["--mode"],
+    "--mtp": _GENERATE_FLAGS["--mtp"],
+    "--num-draft": _GENERATE_FLAGS["--num-draft"],
+    "--steps": ("rl.steps", dict(type=int, help="learner updates")),
+    "--loop": ("rl.loop", dict(help="async | sync")),
+    "--run-dir": ("rl.run_dir", dict(help="checkpoints, tensorboard, metrics.jsonl, curves.png")),
+}
+
+
+def cmd_rl(args: argparse.Namespace) -> None:
+    cfg = _config_from_args(args, _RL_FLAGS)
+    from bebop_jax.rl.loop import train_rl
+
+    summary = _user_errors(lambda: train_rl(cfg))
+    print(json.dumps(summary, indent=2))
+
+
+_PLAN_FLAGS = {
+    "--devices": ("plan.devices", dict(type=int, help="devices of the target slice (v5p: chips)")),
+    "--hbm-gib": ("plan.hbm_gib", dict(type=float, help="memory per device in GiB (v5p: 95)")),
+}
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    cfg = _config_from_args(args, _PLAN_FLAGS)
+    from bebop_jax.plan import run
+
+    _user_errors(lambda: run(cfg))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bebop", description="bebop-jax: MTP speculative rollouts for LLM RL")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--heads", required=True, help="a pretrain-mtp run dir, or an HF dir with mtp.* tensors")
     ev.add_argument("--out", default=None, help="JSON report path (default {heads}/acceptance.json); PNG beside it")
     ev.set_defaults(func=cmd_eval_acceptance)
+
+    rl = sub.add_parser("rl", help="GRPO/PPO with speculative rollouts, async actor/learner (resumes a run dir)")
+    _add_config_args(rl, _RL_FLAGS)
+    rl.set_defaults(func=cmd_rl)
+
+    plan = sub.add_parser("plan", help="per-device memory of the run's real-size steps, compiled on a fake mesh")
+    _add_config_args(plan, _PLAN_FLAGS)
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 

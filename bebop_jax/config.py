@@ -227,6 +227,28 @@ class RLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """`bebop plan`: per-device memory of the real-size steps, compiled ahead of time on a fake mesh.
+
+    The shapes come from the other sections (`rl`, `speculative`, `mtp`, `pretrain`, `mesh`,
+    `model.dtype`): the plan says whether that run fits, not some other one.
+    """
+
+    model: str = "qwen3-8b"  # an architecture of bebop_jax.plan.KNOWN_MODELS, or an HF config.json (or its directory)
+    devices: int = 32  # devices of the target slice (TPU v5p: one per chip, so v5p-64 has 32)
+    hbm_gib: float = 95.0  # memory per device (TPU v5p: 95 GiB)
+    compile_layers: tuple[int, ...] = (2, 4)  # two trunk depths compiled, extrapolated linearly; () = full depth
+
+    def __post_init__(self):
+        _check_positive("plan", self, "devices")
+        if self.hbm_gib <= 0:
+            raise ConfigError(f"config key 'plan.hbm_gib': expected > 0, got {self.hbm_gib}")
+        if self.compile_layers and (len(self.compile_layers) != 2 or not 0 < self.compile_layers[0] < self.compile_layers[1]):
+            raise ConfigError(f"config key 'plan.compile_layers': expected [] or two depths 0 < a < b, "
+                              f"got {list(self.compile_layers)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run configuration; one field per YAML section."""
 
@@ -239,6 +261,7 @@ class Config:
     eval: EvalConfig = EvalConfig()
     speculative: SpeculativeConfig = SpeculativeConfig()
     rl: RLConfig = RLConfig()
+    plan: PlanConfig = PlanConfig()
 
 
 def _type_name(tp: Any) -> str:

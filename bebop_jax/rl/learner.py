@@ -1,0 +1,147 @@
+"""The RL learner: GRPO advantages and the PPO clipped objective with off-policy correction.
+
+Rollouts reach the learner as one typed pytree, `Trajectories` (tokens, loss mask, the behaviour
+log-probs the actor recorded, rewards, groups, policy versions). Per completion token i:
+
+    A        = (r - mean_group(r)) / (std_group(r) + eps)           GRPO, G samples per prompt
+    ratio_i  = pi_theta(x_i) / pi_prox(x_i)                         pi_prox: the params at batch start
+    w_i      = min(pi_prox(x_i) / mu(x_i), is_cap)                  mu: the behaviour policy (actor's
+                                                                    recorded log-probs); truncated IS
+    loss     = -sum_i w_i * min(ratio_i A, clip(ratio_i, 1 - eps, 1 + eps) A) / sum_i mask_i
+               + kl_coef * mean_i k3(pi_ref || pi_theta)            optional KL to a reference policy
+
+(decoupled PPO: clipping against the proximal policy, staleness corrected by the truncated weight).
+Log-probs are taken at the rollout temperature, so pi_theta and mu are the same distribution family.
+Token-mean aggregation over the whole batch. Left out on purpose: value functions (GRPO needs none),
+entropy bonuses, sequence-level ratios (GSPO).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from bebop_jax.model.transformer import Transformer, TransformerConfig
+
+
+@flax.struct.dataclass
+class Trajectories:
+    """A batch of rollouts, right-padded to L tokens: rows are turns (a single-turn episode is one row)."""
+
+    tokens: jax.Array  # [B, L] int32 prompt + completion, 0 after the end
+    loss_mask: jax.Array  # [B, L] bool: tokens the policy generated (the ones trained on)
+    behaviour_logprobs: jax.Array  # [B, L] f32 log mu(x_i) at generated tokens, 0 elsewhere
+    rewards: jax.Array  # [B] f32 episode reward
+    group_ids: jax.Array  # [B] int32 prompt group (G episodes of one task share it)
+    policy_version: jax.Array  # [B] int32 learner version the actor sampled with
+
+
+@flax.struct.dataclass
+class LearnerState:
+    step: jax.Array  # [] int32 optimizer updates = the policy version
+    params: dict
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerSettings:
+    """Static settings of the learner step (hashable)."""
+
+    temperature: float = 1.0
+    clip_eps: float = 0.2
+    is_cap: float = 2.0
+    kl_coef: float = 0.0
+    learning_rate: float = 1e-5
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optax.chain(optax.clip_by_global_norm(self.grad_clip),
+                           optax.adamw(self.learning_rate, b1=0.9, b2=0.99, weight_decay=self.weight_decay))
+
+
+def init_learner(params: dict, settings: LearnerSettings) -> LearnerState:
+    return LearnerState(jnp.int32(0), params, settings.optimizer().init(params))
+
+
+def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, num_groups: int, eps: float = 1e-6) -> jax.Array:
+    """Group-normalised rewards: rewards, group_ids [B] -> advantages [B]. A group of equal rewards gives 0."""
+    ones = jnp.ones_like(rewards)
+    count = jax.ops.segment_sum(ones, group_ids, num_groups)  # [G]
+    mean = jax.ops.segment_sum(rewards, group_ids, num_groups) / jnp.maximum(count, 1.0)
+    centered = rewards - mean[group_ids]
+    var = jax.ops.segment_sum(centered**2, group_ids, num_groups) / jnp.maximum(count - 1.0, 1.0)  # unbiased
+    return centered / (jnp.sqrt(var)[group_ids] + eps)
+
+
+def token_logprobs(params, cfg: TransformerConfig, tokens: jax.Array, temperature: float):
+    """log pi(x_i | x_<i) at temperature T and the entropy of pi at i: tokens [B,L] -> ([B,L], [B,L]).
+
+    Index 0 has no prediction and gets 0.
+    """
+    model = Transformer(cfg)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    hidden, _ = model.apply({"params": params}, tokens, positions)
+    logits = model.apply({"params": params}, hidden[:, :-1], method=Transformer.logits) / temperature  # [B,L-1,V]
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    pad = jnp.zeros((tokens.shape[0], 1), jnp.float32)
+    return jnp.concatenate([pad, logp], axis=1), jnp.concatenate([pad, entropy], axis=1)
+
+
+def ppo_loss(logp, logp_prox, logp_behaviour, advantages, mask, settings: LearnerSettings, logp_ref=None):
+    """The clipped, IS-corrected policy loss (see the module docstring). All token arrays [B,L]; advantages [B]."""
+    mask = mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(mask), 1.0)
+    ratio = jnp.exp(logp - logp_prox)
+    weight = jax.lax.stop_gradient(jnp.minimum(jnp.exp(logp_prox - logp_behaviour), settings.is_cap))
+    adv = advantages[:, None]
+    clipped = jnp.clip(ratio, 1.0 - settings.clip_eps, 1.0 + settings.clip_eps)
+    objective = jnp.minimum(ratio * adv, clipped * adv)
+    loss = -jnp.sum(weight * objective * mask) / n
+    metrics = {
+        "policy_loss": loss,
+        "clip_fraction": jnp.sum((jnp.abs(ratio - 1.0) > settings.clip_eps) * mask) / n,
+        "is_weight": jnp.sum(weight * mask) / n,
+        "behaviour_kl": jnp.sum((logp_behaviour - logp_prox) * mask) / n,  # KL(mu || pi_prox) estimate
+    }
+    if logp_ref is not None and settings.kl_coef > 0:
+        delta = logp_ref - logp
+        k3 = jnp.exp(delta) - delta - 1.0  # >= 0, unbiased for KL(pi || pi_ref) under pi samples
+        kl = jnp.sum(k3 * mask) / n
+        loss = loss + settings.kl_coef * kl
+        metrics["kl_ref"] = kl
+    return loss, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def policy_logprobs(params, tokens, *, cfg: TransformerConfig, temperature: float):
+    """token_logprobs under jit, without gradients (for pi_prox and pi_ref)."""
+    return token_logprobs(params, cfg, tokens, temperature)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "num_groups"), donate_argnums=(0,))
+def learner_step(state: LearnerState, traj: Trajectories, logp_prox, logp_ref=None, *, cfg: TransformerConfig,
+                 settings: LearnerSettings, num_groups: int):
+    """One optimizer update on a batch: (state, traj, log pi_prox [B,L], log pi_ref or None) -> (state, metrics)."""
+    advantages = grpo_advantages(traj.rewards, traj.group_ids, num_groups)
+
+    def loss_fn(params):
+        logp, entropy = token_logprobs(params, cfg, traj.tokens, settings.temperature)
+        loss, metrics = ppo_loss(logp, logp_prox, traj.behaviour_logprobs, advantages, traj.loss_mask, settings,
+                                 logp_ref)
+        mask = traj.loss_mask.astype(jnp.float32)
+        metrics["entropy"] = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return loss, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = settings.optimizer().update(grads, state.opt_state, state.params)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   advantage_abs=jnp.mean(jnp.abs(advantages)))
+    return LearnerState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
