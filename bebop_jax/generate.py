@@ -1,37 +1,19 @@
-"""Plain batched generation: a jitted prefill, then one `lax.while_loop` of decode steps.
+"""Batching prompts for generation, and `generate`, plain sampling through the speculative engine.
 
 Prompts of different lengths share a right-padded [B, P] array with explicit `prompt_lengths[B]`
 (never inferred from pad ids: SmolLM2's pad id is its EOS and sits inside every chat prompt). Each
 sequence has its own position; its first new token is sampled from the hidden state at
 `length - 1`, and decode writes its KV slots from `length` on, overwriting the prompt padding.
-Shapes are static per (batch, padded prompt length, cache length, max_new_tokens), so there is no
-recompilation per token, and prompt lengths are bucketed by `pad_prompts` so there is little per prompt.
+Prompt widths are bucketed by `pad_prompts` and cache lengths by `cache_length_for`, so a compiled
+rollout serves many prompts; nothing recompiles per token.
 """
 
 from __future__ import annotations
 
-import functools
-
-import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bebop_jax import sampling
-from bebop_jax.model.transformer import Transformer, TransformerConfig, init_cache
-
-
-@flax.struct.dataclass
-class DecodeState:
-    """The carry of the decode loop. Token arrays are [B, N], N = max_new_tokens."""
-
-    step: jax.Array  # [] int32: decode steps taken (tokens[:, :step] are written)
-    tokens: jax.Array  # [B, N] int32, -1 after a sequence's end
-    num_tokens: jax.Array  # [B] int32 tokens emitted, EOS included
-    position: jax.Array  # [B] int32 position of the newest token (its KV is not cached yet)
-    done: jax.Array  # [B] bool: emitted EOS or reached N
-    cache: tuple  # per-layer KVCache, [B, S, K, H] each
-    key: jax.Array
+from bebop_jax.model.transformer import TransformerConfig
 
 
 def pad_prompts(prompts: list[list[int]], bucket: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -68,54 +50,15 @@ def check_lengths(lengths: np.ndarray, max_new_tokens: int, max_seq_len: int) ->
             )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache_len", "temperature", "top_p", "eos_ids"))
-def prefill(params, tokens, lengths, key, *, cfg: TransformerConfig, max_new_tokens: int, cache_len: int,
-            temperature: float, top_p: float, eos_ids: tuple[int, ...]) -> DecodeState:
-    """Runs the prompts [B, P] (lengths [B]) and samples each sequence's first new token."""
-    model = Transformer(cfg)
-    B, P = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    hidden, cache = model.apply({"params": params}, tokens, positions, init_cache(cfg, B, cache_len))
-    last_hidden = hidden[jnp.arange(B), lengths - 1]  # [B, D]
-    logits = model.apply({"params": params}, last_hidden, method=Transformer.logits)  # [B, V]
-    key, sub = jax.random.split(key)
-    first = sampling.sample(sub, logits, temperature, top_p)  # [B]
-    out = jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
-    done = sampling.is_eos(first, eos_ids) | (max_new_tokens == 1)
-    return DecodeState(jnp.int32(1), out, jnp.ones((B,), jnp.int32), lengths.astype(jnp.int32), done, cache, key)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "temperature", "top_p", "eos_ids"), donate_argnums=(1,))
-def decode(params, state: DecodeState, *, cfg: TransformerConfig, temperature: float, top_p: float,
-           eos_ids: tuple[int, ...]) -> DecodeState:
-    """Decodes until every sequence is done, one token per sequence per step."""
-    model = Transformer(cfg)
-    max_new = state.tokens.shape[1]
-
-    def cond(s: DecodeState):
-        return (s.step < max_new) & ~jnp.all(s.done)
-
-    def body(s: DecodeState):
-        last = jnp.maximum(s.tokens[:, s.step - 1], 0)  # [B]; finished rows (-1) run a dummy token
-        hidden, cache = model.apply({"params": params}, last[:, None], s.position[:, None], s.cache)
-        logits = model.apply({"params": params}, hidden[:, 0], method=Transformer.logits)  # [B, V]
-        key, sub = jax.random.split(s.key)
-        token = jnp.where(s.done, -1, sampling.sample(sub, logits, temperature, top_p))
-        done = s.done | sampling.is_eos(token, eos_ids) | (s.step + 1 >= max_new)
-        return DecodeState(s.step + 1, s.tokens.at[:, s.step].set(token), s.num_tokens + (~s.done).astype(jnp.int32),
-                           s.position + 1, done, cache, key)
-
-    return jax.lax.while_loop(cond, body, state)
-
-
 def generate(params, cfg: TransformerConfig, prompts: list[list[int]], key: jax.Array, *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (),
              max_seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (tokens [B, max_new_tokens] with -1 after each end, num_tokens [B])."""
-    tokens, lengths = pad_prompts(prompts)
-    check_lengths(lengths, max_new_tokens, max_seq_len or cfg.max_position_embeddings)
-    kw = dict(cfg=cfg, temperature=float(temperature), top_p=float(top_p), eos_ids=tuple(eos_ids))
-    state = prefill(params, tokens, lengths, key, max_new_tokens=max_new_tokens,
-                    cache_len=cache_length_for(tokens.shape[1], max_new_tokens), **kw)
-    state = decode(params, state, **kw)
-    return np.asarray(state.tokens), np.asarray(state.num_tokens)
+    """Plain sampling: token lists -> (tokens [B, max_new_tokens] with -1 after each end, num_tokens [B]).
+
+    The speculative engine's `mode='none'` (one loop for plain and speculative decoding).
+    """
+    from bebop_jax.speculative import speculative_generate
+
+    out = speculative_generate(params, cfg, prompts, key, mode="none", max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, eos_ids=eos_ids, max_seq_len=max_seq_len)
+    return out.tokens, out.num_tokens

@@ -2,7 +2,9 @@
 
 `probs_from_logits` is the one definition of "the policy's distribution" used everywhere: plain
 sampling draws from it, speculative verification compares against it, RL records its log-probs.
-Temperature 0 means greedy: a one-hot distribution at the argmax.
+Temperature 0 means greedy: a one-hot distribution at the argmax. The temperature may be a Python
+float or a traced scalar (so one compiled rollout serves every temperature); greedy decoding is
+chosen by a Python 0.0 only, since it changes the program.
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ import jax
 import jax.numpy as jnp
 
 
-def probs_from_logits(logits: jax.Array, temperature: float, top_p: float = 1.0) -> jax.Array:
+def is_greedy(temperature) -> bool:
+    """True for a Python (static) temperature of 0; a traced temperature is taken as > 0."""
+    return isinstance(temperature, (int, float)) and temperature == 0.0
+
+
+def probs_from_logits(logits: jax.Array, temperature, top_p: float = 1.0) -> jax.Array:
     """logits [..., V] -> probabilities [..., V] (float32) at `temperature` within the top-p nucleus."""
     logits = logits.astype(jnp.float32)
-    if temperature == 0.0:
+    if is_greedy(temperature):
         return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
     probs = jax.nn.softmax(logits / temperature, axis=-1)
     if top_p < 1.0:
@@ -34,7 +41,7 @@ def _top_p_filter(probs: jax.Array, top_p: float) -> jax.Array:
 
 def sample(key: jax.Array, logits: jax.Array, temperature: float, top_p: float = 1.0) -> jax.Array:
     """One token per row: logits [..., V] -> int32 [...]."""
-    if temperature == 0.0:
+    if is_greedy(temperature):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if top_p < 1.0:
         probs = probs_from_logits(logits, temperature, top_p)
@@ -47,7 +54,7 @@ def token_logprob_and_entropy(logits: jax.Array, tokens: jax.Array, temperature:
 
     At temperature 0 both are taken at T=1 (the greedy policy's own distribution is one-hot).
     """
-    t = 1.0 if temperature == 0.0 else temperature
+    t = 1.0 if is_greedy(temperature) else temperature
     logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
     token_logp = jnp.take_along_axis(logp, jnp.maximum(tokens, 0)[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)

@@ -86,10 +86,14 @@ def _mtp_refresh(mtp_step, params, mtp_params, embed, mtp_cfg, tokens_next, hidd
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mtp_cfg", "num_draft", "max_new_tokens", "cache_len",
-                                             "temperature", "top_p", "eos_ids"))
-def prefill(params, mtp_params, tokens, lengths, key, *, cfg, mtp_cfg, num_draft, max_new_tokens, cache_len,
-            temperature, top_p, eos_ids) -> SpecState:
-    """Runs the prompts [B, P] (lengths [B]), samples the first token, primes the MTP step-1 cache."""
+                                             "greedy", "top_p", "eos_ids"))
+def prefill(params, mtp_params, tokens, lengths, key, temperature, *, cfg, mtp_cfg, num_draft, max_new_tokens,
+            cache_len, greedy, top_p, eos_ids) -> SpecState:
+    """Runs the prompts [B, P] (lengths [B]), samples the first token, primes the MTP step-1 cache.
+
+    temperature: a traced scalar (> 0) unless `greedy` (static), which decodes by argmax.
+    """
+    temperature = 0.0 if greedy else temperature
     forward, logits, embed, mtp_step = _fns(cfg, mtp_cfg)
     B, P = tokens.shape
     R, N = num_draft + 1, max_new_tokens
@@ -138,7 +142,7 @@ def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, emb
             h = out[:, 0]
         q = sampling.probs_from_logits(draft_logits(h), temperature, top_p)  # [B, Vd]
         key, sub = jax.random.split(key)
-        if mode == "greedy_draft" or temperature == 0.0:
+        if mode == "greedy_draft" or sampling.is_greedy(temperature):
             d = jnp.argmax(q, axis=-1).astype(jnp.int32)
         else:
             d = jax.random.categorical(sub, jnp.log(q), axis=-1).astype(jnp.int32)
@@ -150,14 +154,16 @@ def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, emb
     return jnp.stack(toks, axis=1), jnp.stack(probs, axis=1), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mtp_cfg", "num_draft", "mode", "temperature", "top_p",
+@functools.partial(jax.jit, static_argnames=("cfg", "mtp_cfg", "num_draft", "mode", "greedy", "top_p",
                                              "eos_ids", "sampler"), donate_argnums=(2,))
-def decode(params, mtp_params, state: SpecState, draft_ids=None, *, cfg, mtp_cfg, num_draft, mode, temperature, top_p,
-           eos_ids, sampler=None) -> SpecState:
+def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, *, cfg, mtp_cfg, num_draft, mode,
+           greedy, top_p, eos_ids, sampler=None) -> SpecState:
     """Verify steps until every sequence is done.
 
-    draft_ids [Vd] (optional): the draft sub-vocabulary. `sampler`: rejection_sample implementation.
+    temperature as in `prefill`; draft_ids [Vd] (optional): the draft sub-vocabulary;
+    `sampler`: the rejection_sample implementation.
     """
+    temperature = 0.0 if greedy else temperature
     forward, logits, embed, mtp_step = _fns(cfg, mtp_cfg)
     if draft_ids is None:
         draft_logits = functools.partial(logits, params)
@@ -273,13 +279,14 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
             raise ValueError(f"num_draft must be in 1..{mtp_cfg.num_steps} (the heads' steps), got {num_draft}")
     tokens, lengths = pad_prompts(prompts)
     check_lengths(lengths, max_new_tokens, max_seq_len or cfg.max_position_embeddings)
-    static = dict(cfg=cfg, mtp_cfg=mtp_cfg, num_draft=num_draft, temperature=float(temperature), top_p=float(top_p),
-                  eos_ids=tuple(eos_ids))
+    static = dict(cfg=cfg, mtp_cfg=mtp_cfg, num_draft=num_draft, greedy=float(temperature) == 0.0,
+                  top_p=float(top_p), eos_ids=tuple(eos_ids))
+    temperature = jnp.float32(max(float(temperature), 1e-6))
     cache_len = cache_length_for(tokens.shape[1], max_new_tokens, extra=num_draft + 2)
-    state = prefill(params, mtp_params, tokens, lengths, key, max_new_tokens=max_new_tokens, cache_len=cache_len,
-                    **static)
+    state = prefill(params, mtp_params, tokens, lengths, key, temperature, max_new_tokens=max_new_tokens,
+                    cache_len=cache_len, **static)
     ids = None if draft_ids is None or mode == "none" else jnp.asarray(draft_ids, jnp.int32)
-    state = decode(params, mtp_params, state, ids, mode=mode, sampler=sampler, **static)
+    state = decode(params, mtp_params, state, temperature, ids, mode=mode, sampler=sampler, **static)
     state = jax.device_get(state)
     N, steps = max_new_tokens, int(state.step)
     return Rollout(tokens=state.tokens[:, :N], num_tokens=state.num_tokens, logprobs=state.logprobs[:, :N],

@@ -2,8 +2,10 @@
 
     python benchmarks/generate.py [--batch 1 8] [--prefill 128] [--new-tokens 64] [--out FILE]
 
-Decode is timed on the jitted while-loop alone (after a warm-up call), over `--new-tokens` steps
-with EOS disabled, so tokens/s = batch * steps / seconds. Prints a table and writes JSON.
+Plain (greedy) decoding through the speculative engine's `mode='none'`. Decode time is the time of
+prefill + the jitted while-loop minus the prefill time (medians after a warm-up call), over
+`--new-tokens` steps with EOS disabled, so tokens/s = batch * steps / seconds. Prints a table and
+writes JSON.
 """
 
 import argparse
@@ -14,7 +16,8 @@ import time
 import jax
 import numpy as np
 
-from bebop_jax.generate import cache_length_for, decode, prefill
+from bebop_jax.generate import cache_length_for
+from bebop_jax.speculative import decode, prefill
 from bebop_jax.model import load_model
 
 
@@ -42,12 +45,15 @@ def main():
     for batch in args.batch:
         tokens = np.random.RandomState(0).randint(100, 20000, size=(batch, args.prefill)).astype(np.int32)
         lengths = np.full((batch,), args.prefill, np.int32)
-        kw = dict(cfg=model.cfg, temperature=0.0, top_p=1.0, eos_ids=())
-        cache_len = cache_length_for(args.prefill, args.new_tokens)
-        run_prefill = lambda: prefill(model.params, tokens, lengths, jax.random.key(0), max_new_tokens=args.new_tokens,  # noqa: E731
-                                      cache_len=cache_len, **kw)
+        kw = dict(cfg=model.cfg, mtp_cfg=None, num_draft=0, greedy=True, top_p=1.0, eos_ids=())
+        cache_len = cache_length_for(args.prefill, args.new_tokens, extra=2)
+        t = jax.numpy.float32(1.0)
+        run_prefill = lambda: prefill(model.params, None, tokens, lengths, jax.random.key(0), t,  # noqa: E731
+                                      max_new_tokens=args.new_tokens, cache_len=cache_len, **kw).tokens
         prefill_s = _median_time(run_prefill, args.repeats + 1)
-        run_decode = lambda: decode(model.params, run_prefill(), **kw).tokens  # noqa: E731
+        run_decode = lambda: decode(model.params, None, prefill(  # noqa: E731
+            model.params, None, tokens, lengths, jax.random.key(0), t, max_new_tokens=args.new_tokens,
+            cache_len=cache_len, **kw), t, mode="none", **kw).tokens
         total_s = _median_time(run_decode, args.repeats + 1)
         decode_s = total_s - prefill_s
         steps = args.new_tokens - 1

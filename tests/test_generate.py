@@ -83,11 +83,13 @@ def test_top_p_keeps_the_nucleus():
     np.testing.assert_allclose(probs_from_logits(logits, 0.0), [1, 0, 0, 0])
 
 
-def test_no_recompilation_across_calls(tiny):
-    gen.generate(tiny.params, tiny.cfg, [[1, 2, 3]], jax.random.key(0), max_new_tokens=5)
-    before = gen.decode._cache_size()
-    gen.generate(tiny.params, tiny.cfg, [[7, 8, 9, 10, 11]], jax.random.key(3), max_new_tokens=5)
-    assert gen.decode._cache_size() == before
+def test_no_recompilation_across_prompts_and_temperatures(tiny):
+    from bebop_jax import speculative
+
+    gen.generate(tiny.params, tiny.cfg, [[1, 2, 3]], jax.random.key(0), max_new_tokens=5, temperature=1.0)
+    before = speculative.decode._cache_size(), speculative.prefill._cache_size()
+    gen.generate(tiny.params, tiny.cfg, [[7, 8, 9, 10, 11]], jax.random.key(3), max_new_tokens=5, temperature=0.5)
+    assert (speculative.decode._cache_size(), speculative.prefill._cache_size()) == before
 
 
 def test_bad_prompts_are_clear_errors(tiny):

@@ -129,3 +129,13 @@ def test_kill_9_then_restart_loses_at_most_one_interval_and_sigterm_saves(tiny_d
     assert "signal received: checkpoint saved at step" in out
     after = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))][len(before):]
     assert after[0] == saved + 1  # the restart continued from the last checkpoint
+
+
+def test_actor_cuts_tool_calls_at_the_stop_text(tiny_dir):
+    from bebop_jax.model import load_model
+    from bebop_jax.rl.actor import _cut_at_stop
+
+    tok = load_model(tiny_dir).tokenizer
+    ids = np.array(tok.encode("a<x>b<y>c"))
+    assert _cut_at_stop(tok, ids, "<y>") == len(tok.encode("a<x>b<y>"))
+    assert _cut_at_stop(tok, ids, "zz") == len(ids) and _cut_at_stop(tok, ids, None) == len(ids)

@@ -67,7 +67,7 @@ class Actor:
             rollouts.append(out)
             still = []
             for b, e in enumerate(active):
-                n = int(out.num_tokens[b])
+                n = _cut_at_stop(tok, out.tokens[b, :int(out.num_tokens[b])], getattr(self.env, "stop", None))
                 completion = out.tokens[b, :n]
                 text = tok.decode(completion)
                 result = self.env.step(episodes[e][1], messages[e], text)
@@ -108,6 +108,13 @@ class Actor:
             row_rewards[r], groups[r] = rewards[e], episode_task[e]
         return Trajectories(tokens=tokens, loss_mask=mask, behaviour_logprobs=logp, rewards=row_rewards,
                             group_ids=groups, policy_version=np.full(R, version, np.int32))
+
+
+def _cut_at_stop(tok, tokens: np.ndarray, stop: str | None) -> int:
+    """The number of tokens up to and including the one that completes `stop` (all when absent)."""
+    if stop is None or stop not in tok.decode(tokens):
+        return len(tokens)
+    return next(i for i in range(1, len(tokens) + 1) if stop in tok.decode(tokens[:i]))
 
 
 def _combined(rollouts: list[Rollout]) -> Rollout:

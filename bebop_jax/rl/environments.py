@@ -337,6 +337,7 @@ class ToolEnv:
     """Multi-turn arithmetic with a calculator tool."""
 
     name = "tool"
+    stop = CALC_STOP  # the actor cuts each completion after this text (the tool answers, not the model)
 
     def __init__(self, source: str = "builtin", max_turns: int = 3):
         if source != "builtin" or max_turns < 1:
