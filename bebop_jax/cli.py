@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -239,6 +240,21 @@ def cmd_plan(args: argparse.Namespace) -> None:
     _user_errors(lambda: run(cfg))
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from bebop_jax.demo import DEFAULT_CONFIG, run_demo
+
+    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    _user_errors(lambda: run_demo(cfg, args.out))
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from bebop_jax.analyze import analyze
+
+    if not os.path.isdir(args.run):
+        raise SystemExit(f"error: run directory '{args.run}' does not exist")
+    print(f"wrote {analyze(args.run)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bebop", description="bebop-jax: MTP speculative rollouts for LLM RL")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="per-device memory of the run's real-size steps, compiled on a fake mesh")
     _add_config_args(plan, _PLAN_FLAGS)
     plan.set_defaults(func=cmd_plan)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct (~15 min on a 2-core CPU)")
+    demo.add_argument("--config", help="YAML config (default configs/demo.yaml)")
+    demo.add_argument("--out", default="runs/demo", help="output directory (data, heads, RL runs, report)")
+    demo.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    demo.set_defaults(func=cmd_demo)
+
+    an = sub.add_parser("analyze", help="Markdown report with figures from the runs under a directory")
+    an.add_argument("--run", required=True, help="a directory of runs (e.g. runs/demo)")
+    an.set_defaults(func=cmd_analyze)
     return parser
 
 

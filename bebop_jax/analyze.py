@@ -1,0 +1,162 @@
+"""`bebop analyze --run DIR`: a Markdown report with figures from the runs under DIR.
+
+It reads what the stages wrote and computes nothing itself:
+  - `**/acceptance.json` (eval-acceptance, one per trained heads): acceptance against policy entropy
+    per loss, bucket means and the fitted line, and a table of slopes, alpha_k and expected length;
+  - `modes.json` (`verify_modes`): acceptance of rejection / greedy-draft / block verification across
+    temperatures, measured by the speculative engine;
+  - `rl/*/metrics.jsonl` (bebop rl): draft acceptance through RL per MTP strategy, and RL wall time;
+  - `speed.json`: plain vs speculative rollout throughput.
+Writes DIR/report/report.md and PNGs, and logs the figures to tensorboardX (DIR/report/tb).
+A missing input leaves its section out with a note, so partial runs still get a report.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from bebop_jax.rl.loop import read_history
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(path: str, run_dir: str) -> str:
+    return os.path.relpath(os.path.dirname(path), run_dir)
+
+
+def _entropy_figure(reports: dict[str, dict], out: str) -> list[str]:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines = ["| heads | T | alpha_1..K | E[accepted length] | slope alpha_1 / nat | R^2 |", "|---|---|---|---|---|---|"]
+    for name, report in reports.items():
+        res = next((r for r in report["results"] if r["temperature"] == 1.0), report["results"][0])
+        head = res["heads"][0]
+        xs = np.array([b["entropy_mean"] for b in head["buckets"]])
+        line = ax.plot(xs, [b["alpha_mean"] for b in head["buckets"]], "o", label=name)[0]
+        grid = np.linspace(xs.min(), xs.max(), 20)
+        ax.plot(grid, head["fit"]["intercept"] + head["fit"]["slope"] * grid, "--", color=line.get_color())
+        for r in report["results"]:
+            h = r["heads"][0]
+            lines.append(f"| {name} | {r['temperature']:g} | {', '.join(f'{a:.3f}' for a in r['alpha'])} | "
+                         f"{r['expected_length']:.3f} | {h['fit']['slope']:+.4f} | {h['fit']['r2']:.3f} |")
+    ax.set(xlabel="policy entropy H(p) [nats]", ylabel="alpha_1 = 1 - TV", ylim=(0, 1),
+           title="draft acceptance vs policy entropy (T=1)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return lines
+
+
+def _modes_figure(modes: dict, out: str) -> list[str]:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    lines = ["| mode | T | acceptance rate | mean accepted length | policy entropy |", "|---|---|---|---|---|"]
+    for mode, rows in modes["modes"].items():
+        ts = [r["temperature"] for r in rows]
+        axes[0].plot(ts, [r["draft_acceptance_rate"] for r in rows], "o-", label=mode)
+        axes[1].plot(ts, [r["draft_mean_acceptance_length"] for r in rows], "o-", label=mode)
+        lines += [f"| {mode} | {r['temperature']:g} | {r['draft_acceptance_rate']:.3f} | "
+                  f"{r['draft_mean_acceptance_length']:.3f} | {r['policy_entropy']:.3f} |" for r in rows]
+    axes[0].set(xlabel="temperature", ylabel="draft acceptance rate", title="verification rule vs temperature")
+    axes[1].set(xlabel="temperature", ylabel="tokens per verify step", title=f"K = {modes['num_draft']}")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return lines
+
+
+def _rl_figure(histories: dict[str, list[dict]], out: str) -> list[str]:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    lines = ["| RL run | steps | wall s / step | rollout tok/s | acceptance | reward (last) |", "|---|---|---|---|---|---|"]
+    for name, hist in histories.items():
+        steps = [h["step"] for h in hist]
+        if "draft_acceptance_rate" in hist[0]:
+            axes[0].plot(steps, [h["draft_acceptance_rate"] for h in hist], "o-", label=name)
+        axes[1].plot(steps, [h["reward"] for h in hist], "o-", label=name)
+        wall = hist[-1]["wall_s"] / len(hist)
+        acc = np.mean([h.get("draft_acceptance_rate", np.nan) for h in hist])
+        lines.append(f"| {name} | {len(hist)} | {wall:.1f} | {np.mean([h['rollout_tokens_per_s'] for h in hist]):.1f} | "
+                     f"{acc:.3f} | {hist[-1]['reward']:.3f} |")
+    axes[0].set(xlabel="learner step", ylabel="draft acceptance rate", title="acceptance through RL")
+    axes[1].set(xlabel="learner step", ylabel="mean reward", title="reward")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return lines
+
+
+def analyze(run_dir: str) -> str:
+    """Writes the report of `run_dir` and returns the path of report.md."""
+    from tensorboardX import SummaryWriter
+
+    out = os.path.join(run_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    md = [f"# bebop-jax report: {os.path.abspath(run_dir)}", ""]
+    figures = []
+    reports = {_label(p, run_dir): json.load(open(p))
+               for p in sorted(glob.glob(os.path.join(run_dir, "**", "acceptance.json"), recursive=True))}
+    md.append("## Acceptance vs policy entropy, per draft loss")
+    if reports:
+        figures.append("acceptance_vs_entropy.png")
+        md += ["", "![acceptance vs entropy](acceptance_vs_entropy.png)", "",
+               *_entropy_figure(reports, os.path.join(out, figures[-1])), ""]
+    else:
+        md += ["", "_no eval-acceptance reports found_", ""]
+    md.append("## Rejection sampling vs greedy drafting vs block verification")
+    modes_file = os.path.join(run_dir, "modes.json")
+    if os.path.isfile(modes_file):
+        figures.append("verify_modes.png")
+        md += ["", "![verification modes](verify_modes.png)", "",
+               *_modes_figure(json.load(open(modes_file)), os.path.join(out, figures[-1])), ""]
+    else:
+        md += ["", "_no modes.json found_", ""]
+    md.append("## Draft acceptance through RL, per MTP strategy")
+    histories = {os.path.basename(d): read_history(d)
+                 for d in sorted(glob.glob(os.path.join(run_dir, "rl", "*"))) if os.path.isfile(os.path.join(d, "metrics.jsonl"))}
+    histories = {k: v for k, v in histories.items() if v}
+    if histories:
+        figures.append("rl_acceptance.png")
+        md += ["", "![acceptance through RL](rl_acceptance.png)", "",
+               *_rl_figure(histories, os.path.join(out, figures[-1])), ""]
+    else:
+        md += ["", "_no RL runs found under rl/_", ""]
+    md.append("## Rollout throughput")
+    speed_file = os.path.join(run_dir, "speed.json")
+    if os.path.isfile(speed_file):
+        speed = json.load(open(speed_file))
+        md += ["", "| setting | plain tok/s | speculative tok/s | speed-up | acceptance | tokens / verify |",
+               "|---|---|---|---|---|---|"]
+        md += [f"| {r['setting']} | {r['plain_tokens_per_s']:.1f} | {r['spec_tokens_per_s']:.1f} | x{r['speedup']:.2f} | "
+               f"{r['draft_acceptance_rate']:.3f} | {r['draft_mean_acceptance_length']:.2f} |" for r in speed["rows"]]
+        md.append("")
+    else:
+        md += ["", "_no speed.json found_", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(md))
+    writer = SummaryWriter(os.path.join(out, "tb"))
+    plt = _plt()
+    for name in figures:
+        writer.add_image(f"report/{os.path.splitext(name)[0]}", plt.imread(os.path.join(out, name))[..., :3],
+                         dataformats="HWC")
+    writer.close()
+    return os.path.join(out, "report.md")

@@ -1,0 +1,160 @@
+"""`bebop demo` (`make demo`): the whole Bebop pipeline on SmolLM2-135M-Instruct, sized for a 2-core CPU.
+
+1. self-distillation: the policy's own answers to built-in math problems (token shards);
+2. MTP heads (K=3) trained on the frozen trunk with e2e-TV, and with CE as the baseline, same budget;
+3. `eval-acceptance` of both on held-out samples: alpha_k, expected accepted length, entropy slope;
+4. verification rules (rejection / greedy-draft / block) across temperatures, by the engine;
+5. plain vs speculative decoding speed, measured side by side;
+6. a few async RL steps with speculative rollouts per MTP strategy (frozen / online-ce / online-tv)
+   and a plain-decoding RL baseline;
+7. `bebop analyze`: the report (Markdown + figures), and a summary table printed here.
+Every number is computed in the run; budgets come from configs/demo.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from bebop_jax.config import Config, load_config
+from bebop_jax.math_prompts import make_problem
+from bebop_jax.model import LoadedModel, load_model
+from bebop_jax.speculative import speculative_generate
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+
+
+def _prompts(model: LoadedModel, n: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [model.tokenizer.encode_prompt(make_problem(rng)[0], chat=True) for _ in range(n)]
+
+
+def verify_modes(model: LoadedModel, heads: str, out: str, *, temperatures=(0.5, 0.8, 1.0), num_draft: int = 3,
+                 batch: int = 8, max_new_tokens: int = 64, seed: int = 1234) -> dict:
+    """Acceptance of each verification rule at each temperature on math prompts; writes `out` (JSON)."""
+    from bebop_jax.checkpoint import load_mtp_heads
+
+    mtp_cfg, mtp_params = load_mtp_heads(heads)
+    prompts = _prompts(model, batch, seed)
+    result = {"heads": heads, "num_draft": num_draft, "modes": {}}
+    for mode in ("rejection", "greedy_draft", "block"):
+        rows = []
+        for t in temperatures:
+            r = speculative_generate(model.params, model.cfg, prompts, jax.random.key(seed), mtp_params=mtp_params,
+                                     mtp_cfg=mtp_cfg, mode=mode, num_draft=num_draft, max_new_tokens=max_new_tokens,
+                                     temperature=t, eos_ids=())
+            rows.append({"temperature": t, **r.metrics(num_draft),
+                         "policy_entropy": float(r.entropies[r.tokens >= 0].mean())})
+        result["modes"][mode] = rows
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def rollout_speed(model: LoadedModel, heads: str, out: str, *, settings=((1, 1.0), (8, 1.0)), num_draft: int = 3,
+                  max_new_tokens: int = 64, repeats: int = 2, seed: int = 99) -> dict:
+    """Plain vs speculative (rejection) tokens/s, alternating runs, EOS off; writes `out` (JSON)."""
+    from bebop_jax.checkpoint import load_mtp_heads
+
+    mtp_cfg, mtp_params = load_mtp_heads(heads)
+    rows = []
+    for batch, t in settings:
+        prompts = _prompts(model, batch, seed)
+        common = dict(max_new_tokens=max_new_tokens, temperature=t, eos_ids=())
+        plain = lambda: speculative_generate(model.params, model.cfg, prompts, jax.random.key(seed), mode="none",  # noqa: E731
+                                             **common)
+        spec = lambda: speculative_generate(model.params, model.cfg, prompts, jax.random.key(seed),  # noqa: E731
+                                            mtp_params=mtp_params, mtp_cfg=mtp_cfg, mode="rejection",
+                                            num_draft=num_draft, **common)
+        plain(), spec()  # compile
+        times = {"plain": [], "spec": []}
+        for _ in range(repeats):
+            for name, fn in (("plain", plain), ("spec", spec)):
+                t0 = time.perf_counter()
+                rollout = fn()
+                times[name].append(time.perf_counter() - t0)
+        tokens = batch * max_new_tokens
+        p, s = float(np.median(times["plain"])), float(np.median(times["spec"]))
+        rows.append({"setting": f"batch {batch}, T={t:g}, K={num_draft}", "batch": batch, "temperature": t,
+                     "plain_tokens_per_s": tokens / p, "spec_tokens_per_s": tokens / s, "speedup": p / s,
+                     **rollout.metrics(num_draft)})
+    result = {"heads": heads, "rows": rows}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def run_demo(cfg: Config, out_dir: str = "runs/demo") -> str:
+    """Runs the pipeline into `out_dir` and returns the report path."""
+    from bebop_jax import eval_acceptance, pretrain_mtp
+    from bebop_jax.analyze import analyze
+    from bebop_jax.data import self_distill
+    from bebop_jax.rl.loop import train_rl
+
+    t_start = time.perf_counter()
+    times = {}
+
+    def stage(name):
+        print(f"\n=== {name} ({time.perf_counter() - t_start:.0f}s elapsed) ===", flush=True)
+        times[name] = time.perf_counter()
+
+    stage("load SmolLM2-135M-Instruct")
+    model = load_model(cfg.model.source, cfg.model.dtype)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=os.path.join(out_dir, "data")))
+    if not os.path.isdir(os.path.join(cfg.data.dir, "heldout")):
+        stage("self-distillation: the policy's answers to math problems")
+        self_distill(cfg, model)
+    heads = {}
+    for loss in ("e2e_tv", "ce"):
+        stage(f"pretrain MTP heads with {loss}")
+        run = os.path.join(out_dir, "mtp", loss)
+        c = dataclasses.replace(cfg, pretrain=dataclasses.replace(
+            cfg.pretrain, loss=loss, run_dir=run, cache_dir=os.path.join(out_dir, "hidden_cache")))
+        pretrain_mtp.train(c, model)
+        stage(f"eval-acceptance of the {loss} heads")
+        eval_acceptance.run(c, run, model=model)
+        heads[loss] = run
+    stage("verification rules across temperatures")
+    verify_modes(model, heads["e2e_tv"], os.path.join(out_dir, "modes.json"), num_draft=cfg.speculative.num_draft,
+                 max_new_tokens=cfg.rl.max_new_tokens)
+    stage("plain vs speculative decoding speed")
+    speed = rollout_speed(model, heads["e2e_tv"], os.path.join(out_dir, "speed.json"),
+                          num_draft=cfg.speculative.num_draft, max_new_tokens=cfg.rl.max_new_tokens)
+    rl_runs = [("frozen", "rejection"), ("online-ce", "rejection"), ("online-tv", "rejection"), ("frozen", "none")]
+    rl = {}
+    for strategy, mode in rl_runs:
+        name = f"{strategy}-{mode}" if mode == "none" else strategy
+        stage(f"async RL, MTP {strategy}, rollouts {mode}")
+        c = dataclasses.replace(
+            cfg, speculative=dataclasses.replace(cfg.speculative, mode=mode, mtp_checkpoint=heads["e2e_tv"]),
+            rl=dataclasses.replace(cfg.rl, mtp_strategy=strategy, run_dir=os.path.join(out_dir, "rl", name)))
+        rl[name] = train_rl(c, model=model, progress=True)
+    stage("report")
+    report = analyze(out_dir)
+    accept = {loss: json.load(open(os.path.join(run, "acceptance.json"))) for loss, run in heads.items()}
+    print("\n" + "=" * 78)
+    print("bebop-jax demo: SmolLM2-135M-Instruct, K=3 MTP heads, this machine's CPU")
+    print("-" * 78)
+    print(f"{'heads':<8} {'alpha_1':>8} {'alpha_2':>8} {'alpha_3':>8} {'E[len]':>8} {'slope/nat':>10}   (T=1, held out)")
+    for loss, rep in accept.items():
+        res = next(r for r in rep["results"] if r["temperature"] == 1.0)
+        a = res["alpha"] + [float("nan")] * (3 - len(res["alpha"]))
+        print(f"{loss:<8} {a[0]:>8.3f} {a[1]:>8.3f} {a[2]:>8.3f} {res['expected_length']:>8.3f} "
+              f"{res['heads'][0]['fit']['slope']:>+10.4f}")
+    for row in speed["rows"]:
+        print(f"decoding {row['setting']}: plain {row['plain_tokens_per_s']:.1f} tok/s, speculative "
+              f"{row['spec_tokens_per_s']:.1f} tok/s (x{row['speedup']:.2f}, acceptance {row['draft_acceptance_rate']:.2f})")
+    for name, summary in rl.items():
+        print(f"RL {name:<16} {summary['steps']} steps, {summary['wall_s'] / max(summary['steps'], 1):.1f} s/step, "
+              f"acceptance {summary['acceptance'] if summary['acceptance'] is not None else float('nan'):.3f}")
+    print(f"total {time.perf_counter() - t_start:.0f}s; report: {report}")
+    return report
+
+
+def main(config: str | None = None, overrides=(), out_dir: str = "runs/demo") -> None:
+    run_demo(load_config(config or DEFAULT_CONFIG, overrides), out_dir)
