@@ -1,0 +1,420 @@
+"""`bebop plan`: does a run fit? Per-device memory of its real-size steps, compiled ahead of time.
+
+Each step is lowered from `jax.ShapeDtypeStruct`s (no weights are allocated) with the shardings the run
+would use, on a fake mesh of `plan.devices` CPU devices, and compiled; XLA's `memory_analysis()` of
+the compiled per-device program gives its argument, output, aliased and temporary bytes:
+
+    learner  `rl.learner.learner_step`: trunk forward + backward + AdamW on one RL batch [rows, length]
+    prefill  `speculative.prefill`: one rollout batch of prompts into a fresh KV cache
+    decode   `speculative.decode`: the verify loop (K drafts, one trunk forward of K + 1 tokens over
+             the KV cache, rejection sampling); its state, KV cache included, is donated
+    mtp      `pretrain_mtp.train_step`: the MTP heads on cached trunk hidden states
+
+Shapes come from the run's config: RL rows = rl.prompts_per_step x rl.group_size (single-turn),
+length and cache as the actor pads them, K = speculative.num_draft, the MTP step at
+pretrain.batch_size x pretrain.seq_len with every position an origin. Parameters, optimizer state and
+KV cache are also counted from their shardings; "in/out" is the rest of the arguments and the outputs
+not aliased to donated arguments; the total is arguments + outputs - aliased + temporaries.
+
+The trunk is compiled at its full depth (unrolled: Qwen3-8B's 36-layer learner step compiles in
+~1 min with LLVM at -O0, which leaves buffer assignment unchanged). `plan.compile_layers: [a, b]`
+compiles two small depths instead and extrapolates every size linearly, which is faster but
+approximate: on Qwen3-8B, [2, 4] predicts the 36-layer learner and decode to 0.1% and prefill 8% low.
+The numbers are XLA:CPU's buffer assignment: the TPU compiler fuses differently and uses the
+Pallas kernels (the CPU program uses their jnp paths), so leave headroom.
+
+`run` needs the fake devices before jax initialises (XLA_FLAGS=--xla_force_host_platform_device_count)
+and re-executes itself in a subprocess when the current process lacks them.
+Not here on purpose: compiling for a real TPU topology (needs libtpu), the reference policy of
+rl.kl_coef > 0, multi-turn environments (they multiply the learner rows by their turns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from bebop_jax import sharding
+from bebop_jax.config import Config, ConfigError, load_config, to_dict
+from bebop_jax.generate import cache_length_for
+from bebop_jax.model.mtp import MTPConfig, MTPHeads
+from bebop_jax.model.transformer import CACHE_AXES, KVCache, TransformerConfig
+from bebop_jax.model.weights import config_from_hf
+from bebop_jax.pretrain_mtp import StepSettings, TrainState, train_step
+from bebop_jax.rl.learner import LearnerSettings, LearnerState, Trajectories, learner_step
+from bebop_jax.speculative import decode, prefill
+
+# Architectures by name, as their HF config.json says (Qwen/Qwen3-*; all untied above 4B).
+_QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, num_key_value_heads=8, rope_theta=1000000.0,
+              rms_norm_eps=1e-6, max_position_embeddings=40960)
+KNOWN_MODELS: dict[str, dict] = {
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       tie_word_embeddings=True),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     tie_word_embeddings=False),
+    "qwen3-14b": dict(_QWEN3, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+                      tie_word_embeddings=False),
+    "qwen3-32b": dict(_QWEN3, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                      tie_word_embeddings=False),
+}
+GIB = 2**30
+CATEGORIES = ("params", "optimizer", "kv_cache")
+
+
+def architecture(spec: str, dtype: str = "bfloat16") -> TransformerConfig:
+    """The trunk of a KNOWN_MODELS name, or of an HF config.json (a file or the directory holding it)."""
+    if spec in KNOWN_MODELS:
+        return config_from_hf(KNOWN_MODELS[spec], dtype)
+    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+    if not (path.endswith(".json") and os.path.isfile(path)):
+        raise ConfigError(f"config key 'plan.model': '{spec}' is neither a known architecture "
+                          f"({', '.join(KNOWN_MODELS)}) nor an HF config.json or a directory holding one")
+    with open(path) as f:
+        return config_from_hf(json.load(f), dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The run's static sizes (see the module docstring for where each comes from)."""
+
+    learner_rows: int
+    learner_len: int
+    rollout_rows: int
+    prompt_len: int
+    new_tokens: int
+    cache_len: int
+    num_draft: int
+    mtp_rows: int
+    mtp_len: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Shapes:
+        rl, k = cfg.rl, cfg.speculative.num_draft
+        if k > cfg.mtp.num_steps:
+            raise ConfigError(f"config key 'speculative.num_draft': expected <= mtp.num_steps={cfg.mtp.num_steps}, "
+                              f"got {k}")
+        rows = rl.prompts_per_step * rl.group_size
+        return cls(learner_rows=rows, learner_len=cache_length_for(rl.max_prompt_tokens, rl.max_new_tokens),
+                   rollout_rows=rows, prompt_len=rl.max_prompt_tokens, new_tokens=rl.max_new_tokens,
+                   cache_len=cache_length_for(rl.max_prompt_tokens, rl.max_new_tokens, extra=k + 2), num_draft=k,
+                   mtp_rows=cfg.pretrain.batch_size, mtp_len=cfg.pretrain.seq_len)
+
+    def describe(self, step: str) -> str:
+        return {"learner": f"{self.learner_rows} x {self.learner_len}",
+                "prefill": f"{self.rollout_rows} x {self.prompt_len} -> {self.cache_len}",
+                "decode": f"{self.rollout_rows} x {self.cache_len}, K={self.num_draft}",
+                "mtp": f"{self.mtp_rows} x {self.mtp_len}"}[step]
+
+
+# ---------------------------------------------------------------------------------------------
+# Abstract, logically named arguments of each step
+
+
+def _box(shape, dtype, names) -> nn.LogicallyPartitioned:
+    return nn.LogicallyPartitioned(jax.ShapeDtypeStruct(tuple(shape), dtype), tuple(names))
+
+
+def _rows(shape, dtype) -> nn.LogicallyPartitioned:
+    """A data array whose rows are spread over the batch axes."""
+    return _box(shape, dtype, ("activation_batch",) + (None,) * (len(shape) - 1))
+
+
+def _boxed_like(x: jax.ShapeDtypeStruct, names) -> nn.LogicallyPartitioned:
+    return _box(x.shape, x.dtype, names)
+
+
+def _heads(cfg: TransformerConfig, mtp: MTPConfig) -> dict:
+    """The MTP parameters as ShapeDtypeStructs in their logical boxes."""
+    x = jnp.zeros((1, 1, cfg.hidden_size), cfg.compute_dtype)
+    pos = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: MTPHeads(cfg, mtp).init(jax.random.key(0), x, x, pos))["params"]
+
+
+def _boxed_spec_state(s) -> Any:
+    """Logical names for a SpecState of ShapeDtypeStructs: rows over the batch axes, caches by CACHE_AXES."""
+    def rows(x):
+        return _rows(x.shape, x.dtype)
+
+    def caches(cs):
+        return tuple(KVCache(_boxed_like(c.k, CACHE_AXES), _boxed_like(c.v, CACHE_AXES)) for c in cs)
+
+    return s.replace(tokens=rows(s.tokens), logprobs=rows(s.logprobs), entropies=rows(s.entropies),
+                     num_tokens=rows(s.num_tokens), position=rows(s.position), draft_hidden=rows(s.draft_hidden),
+                     done=rows(s.done), trunk_cache=caches(s.trunk_cache), mtp_cache=caches(s.mtp_cache),
+                     verify_steps=rows(s.verify_steps), accepted=rows(s.accepted),
+                     emitted_per_step=_boxed_like(s.emitted_per_step, (None, "activation_batch")))
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step to compile: fn(*args) with boxed abstract args and outputs, and what its bytes are."""
+
+    fn: Callable
+    args: tuple
+    out: Any  # boxed outputs whose shardings are fixed; None leaves are left to XLA
+    donate: tuple[int, ...]
+    counted: dict  # category -> boxed subtree of args or outputs (params, optimizer, kv_cache)
+
+
+def build_learner(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step:
+    rl = cfg.rl
+    settings = LearnerSettings(temperature=rl.temperature, clip_eps=rl.clip_eps, is_cap=rl.is_cap,
+                               learning_rate=rl.learning_rate)
+    params = sharding.abstract_params(model)
+    state = LearnerState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(settings.optimizer().init, params))
+    B, L = shapes.learner_rows, shapes.learner_len
+    traj = Trajectories(tokens=_rows((B, L), jnp.int32), loss_mask=_rows((B, L), jnp.bool_),
+                        behaviour_logprobs=_rows((B, L), jnp.float32), rewards=_rows((B,), jnp.float32),
+                        group_ids=_rows((B,), jnp.int32), policy_version=_rows((B,), jnp.int32))
+    fn = functools.partial(learner_step, cfg=model, settings=settings, num_groups=rl.prompts_per_step + 1)
+    return Step(fn, (state, traj, _rows((B, L), jnp.float32)), (state, None), (0,),
+                {"params": state.params, "optimizer": state.opt_state})
+
+
+def _rollout_inputs(cfg: Config, model: TransformerConfig, shapes: Shapes):
+    """(prefill's boxed args, prefill with its static settings, those settings, the boxed SpecState)."""
+    mtp = MTPConfig(cfg.mtp.num_steps, cfg.mtp.num_layers)
+    B = shapes.rollout_rows
+    params, heads = sharding.abstract_params(model), _heads(model, mtp)
+    args = (params, heads, _rows((B, shapes.prompt_len), jnp.int32), _rows((B,), jnp.int32),
+            jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.float32))
+    static = dict(cfg=model, mtp_cfg=mtp, num_draft=shapes.num_draft, greedy=False, top_p=1.0, eos_ids=())
+    fill = functools.partial(prefill, max_new_tokens=shapes.new_tokens, cache_len=shapes.cache_len, **static)
+    state = _boxed_spec_state(jax.eval_shape(fill, *nn.meta.unbox(args)))
+    return args, fill, static, state
+
+
+def build_prefill(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step:
+    args, fill, _, state = _rollout_inputs(cfg, model, shapes)
+    return Step(fill, args, state, (),
+                {"params": args[:2], "kv_cache": (state.trunk_cache, state.mtp_cache)})
+
+
+def build_decode(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step:
+    args, _, static, state = _rollout_inputs(cfg, model, shapes)
+    return Step(functools.partial(decode, mode="rejection", **static), (args[0], args[1], state, args[-1]), state, (2,),
+                {"params": args[:2], "kv_cache": (state.trunk_cache, state.mtp_cache)})
+
+
+def build_mtp(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step:
+    mtp = MTPConfig(cfg.mtp.num_steps, cfg.mtp.num_layers)
+    settings = StepSettings.from_config(cfg.pretrain, num_origins=shapes.mtp_len)
+    heads = _heads(model, mtp)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), heads, jax.eval_shape(settings.optimizer().init, heads))
+    V, D = model.vocab_size, model.hidden_size
+    frozen = {"embedding": _box((V, D), jnp.float32, ("vocab", "embed")),
+              "w_vocab": _box((V, D), jnp.float32, ("vocab", "embed"))}
+    B, T = shapes.mtp_rows, shapes.mtp_len
+    batch = {"hidden": _box((B, T, D), jnp.bfloat16, ("activation_batch", "activation_length", "activation_embed")),
+             "tokens": _rows((B, T), jnp.int32), "positions": _rows((B, T), jnp.int32),
+             "segment_ids": _rows((B, T), jnp.int32), "completion": _rows((B, T), jnp.bool_)}
+    return Step(functools.partial(train_step, cfg=model, mtp=mtp, settings=settings), (state, frozen, batch),
+                (state, None), (0,),
+                {"params": (state.params, frozen), "optimizer": state.opt_state})
+
+
+STEPS: dict[str, Callable[[Config, TransformerConfig, Shapes], Step]] = {
+    "learner": build_learner, "prefill": build_prefill, "decode": build_decode, "mtp": build_mtp}
+TRUNK_DEPTH_MATTERS = ("learner", "prefill", "decode")  # the mtp step never runs the trunk
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes per device
+
+
+def per_device_bytes(boxed_tree: Any, mesh: Mesh | jax.sharding.AbstractMesh, rules: sharding.Rules) -> int:
+    """Bytes one device holds of a tree of (boxed) ShapeDtypeStructs: boxes sharded by their logical
+    names, other leaves replicated."""
+    def split(axes) -> int:  # how many ways a dimension is split by a PartitionSpec entry
+        return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+    def leaf_bytes(x) -> int:
+        ways = 1
+        if isinstance(x, nn.LogicallyPartitioned):
+            ways = math.prod(split(a) for a in sharding.partition_spec(x.names, x.value.shape, mesh, rules))
+            x = x.value
+        return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize // ways
+
+    leaves = jax.tree.leaves(boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return sum(leaf_bytes(x) for x in leaves)
+
+
+def plan_mesh(cfg: Config, model: TransformerConfig, devices=None):
+    """(mesh, rules): a concrete mesh over `devices`, or an AbstractMesh of plan.devices when None."""
+    shape = sharding.mesh_shape(cfg.mesh, cfg.plan.devices)
+    if devices is None:
+        mesh = jax.sharding.AbstractMesh(shape, sharding.AXES)
+    else:
+        mesh = sharding.make_mesh(cfg.mesh, devices[:cfg.plan.devices])
+    return mesh, sharding.make_rules(mesh, cfg.mesh.rules, sharding.trunk_dims(model))
+
+
+def counted_bytes(cfg: Config, name: str, mesh=None, rules=None) -> dict[str, int]:
+    """Parameters, optimizer state and KV cache of step `name` at the full depth, per device, from the shardings."""
+    model = architecture(cfg.plan.model, cfg.model.dtype)
+    if mesh is None:
+        mesh, rules = plan_mesh(cfg, model)
+    step = STEPS[name](cfg, model, Shapes.from_config(cfg))
+    return {c: per_device_bytes(step.counted.get(c, ()), mesh, rules) for c in CATEGORIES}
+
+
+def compile_step(step: Step, mesh: Mesh, rules: sharding.Rules) -> dict[str, float]:
+    """Lowers and compiles `step` on `mesh`; XLA's per-device byte counts and the seconds it took."""
+    t0 = time.perf_counter()
+    jitted = sharding.sharded_jit(step.fn, mesh, rules,
+                                  in_shardings=sharding.logical_to_sharding(step.args, mesh, rules),
+                                  out_shardings=sharding.logical_to_sharding(step.out, mesh, rules),
+                                  donate_argnums=step.donate)
+    m = jitted.lower(*sharding.sharded_abstract(step.args, mesh, rules)).compile().memory_analysis()
+    return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+            "seconds": time.perf_counter() - t0}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """Per-device bytes of one step at the full depth."""
+
+    name: str
+    shape: str
+    params: int
+    optimizer: int
+    kv_cache: int
+    io: int  # the other arguments and the outputs not aliased to donated arguments
+    temporaries: int
+    temporaries_per_layer: int | None  # the slope of the extrapolation (None when compiled at the full depth)
+    compiled_layers: tuple[int, ...]  # trunk depths compiled (none for the mtp step)
+    compile_seconds: float
+
+    @property
+    def total(self) -> int:
+        return self.params + self.optimizer + self.kv_cache + self.io + self.temporaries
+
+
+def plan_step(cfg: Config, name: str, mesh: Mesh, rules: sharding.Rules) -> StepPlan:
+    """Compiles step `name` (at two depths and extrapolates, or at the full depth) and splits its bytes."""
+    model, shapes = architecture(cfg.plan.model, cfg.model.dtype), Shapes.from_config(cfg)
+    full, layers = model.num_layers, cfg.plan.compile_layers
+    if name not in TRUNK_DEPTH_MATTERS:
+        depths = ()  # the heads only: compiled once
+    elif layers and layers[1] < full:
+        depths = layers
+    else:
+        depths = (full,)
+    sizes = [compile_step(STEPS[name](cfg, dataclasses.replace(model, num_layers=d), shapes), mesh, rules)
+             for d in depths or (full,)]
+    slope = None
+    if len(sizes) == 2:  # linear in the depth: a + (b - a) / (db - da) * (full - da)
+        (da, db), (a, b) = depths, sizes
+        at_full = {k: a[k] + (b[k] - a[k]) * (full - da) / (db - da) for k in a}
+        slope = int(round((b["temporaries"] - a["temporaries"]) / (db - da)))
+    else:
+        at_full = sizes[0]
+    counted = counted_bytes(cfg, name, mesh, rules)
+    io = at_full["arguments"] + at_full["outputs"] - at_full["aliased"] - sum(counted.values())
+    return StepPlan(name, shapes.describe(name), counted["params"], counted["optimizer"], counted["kv_cache"],
+                    int(round(io)), int(round(at_full["temporaries"])), slope, depths,
+                    sum(s["seconds"] for s in sizes))
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def format_report(cfg: Config, plans: list[StepPlan]) -> str:
+    model = architecture(cfg.plan.model, cfg.model.dtype)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(sharding.abstract_params(model))))
+    data, fsdp, tensor = sharding.mesh_shape(cfg.mesh, cfg.plan.devices)
+    hbm = cfg.plan.hbm_gib
+    unit, scale = ("GiB", GIB) if hbm >= 1 else ("MiB", 2**20)
+    fmt = lambda b: f"{b / scale:.2f}"  # noqa: E731
+    count = f"{n_params / 1e9:.2f}B" if n_params >= 1e8 else f"{n_params / 1e6:.2f}M"
+    lines = [f"bebop plan: {cfg.plan.model} ({model.num_layers} layers, {count} parameters) on "
+             f"{cfg.plan.devices} devices (data={data} x fsdp={fsdp} x tensor={tensor}), {hbm:g} GiB HBM each",
+             f"compute {model.dtype}, parameters and optimizer state float32; {unit} per device", ""]
+    header = ("step", "shape", "params", "optimizer", "kv cache", "in/out", "temporaries", "(per layer)", "total",
+              "HBM", "verdict", "compiled at", "compile s")
+    rows = [header]
+    for p in plans:
+        fits = p.total <= hbm * GIB
+        rows.append((p.name, p.shape, fmt(p.params), fmt(p.optimizer), fmt(p.kv_cache), fmt(p.io),
+                     fmt(p.temporaries), "-" if p.temporaries_per_layer is None else fmt(p.temporaries_per_layer),
+                     fmt(p.total), f"{100 * p.total / (hbm * GIB):.0f}%",
+                     "FITS" if fits else "DOES NOT FIT",
+                     " and ".join(map(str, p.compiled_layers)) + " layers" if p.compiled_layers else "heads only",
+                     f"{p.compile_seconds:.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        cells = (c.ljust(w) if i < 2 or i >= 10 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        lines.append("  ".join(cells).rstrip())
+    by_name = {p.name: p for p in plans}
+    if "learner" in by_name and "decode" in by_name:  # rl.loop async: the actor decodes while the learner steps
+        learn, dec = by_name["learner"].total, by_name["decode"].total
+        peak, how = (learn + dec, "learner and decode at once") if cfg.rl.loop == "async" else \
+            (max(learn, dec), "learner and decode in turn")
+        lines += ["", f"rl.loop={cfg.rl.loop}: {how}, {fmt(peak)} {unit} -> "
+                      f"{'FITS' if peak <= hbm * GIB else 'DOES NOT FIT'}"]
+    if any(len(p.compiled_layers) == 2 for p in plans):
+        lines.append(f"trunk steps compiled at {' and '.join(map(str, cfg.plan.compile_layers))} layers, every size "
+                     f"extrapolated linearly to {model.num_layers}.")
+    lines.append("bytes from XLA:CPU's buffer assignment of the sharded program (TPU fusion and the Pallas kernels "
+                 "differ: leave headroom).")
+    return "\n".join(lines)
+
+
+def _fake_devices_ready(n: int) -> bool:
+    flags = os.environ.get("XLA_FLAGS", "")
+    have = [int(f.split("=", 1)[1]) for f in flags.split() if f.startswith("--xla_force_host_platform_device_count=")]
+    return os.environ.get("JAX_PLATFORMS") == "cpu" and bool(have) and have[-1] >= n
+
+
+def run(cfg: Config, out=sys.stdout) -> list[StepPlan] | None:
+    """Plans every step of `cfg` and prints the report; re-executes in a subprocess with plan.devices fake CPU
+    devices when this process lacks them (then returns None). Bad settings raise before any compile."""
+    model = architecture(cfg.plan.model, cfg.model.dtype)
+    Shapes.from_config(cfg)
+    sharding.mesh_shape(cfg.mesh, cfg.plan.devices)
+    if not _fake_devices_ready(cfg.plan.devices):
+        # LLVM at -O0: buffer assignment (what the plan reads) is done before it, and the programs never run
+        flags = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={cfg.plan.devices}"
+                 " --xla_backend_optimization_level=0")
+        env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+        overrides = [f"{section}={json.dumps(values)}" for section, values in to_dict(cfg).items()]
+        proc = subprocess.run([sys.executable, "-m", "bebop_jax.plan", *overrides], env=env)
+        if proc.returncode:
+            raise SystemExit(proc.returncode)
+        return None
+    if jax.device_count() < cfg.plan.devices:
+        raise RuntimeError(f"plan.devices={cfg.plan.devices}, but jax initialised with {jax.device_count()} devices "
+                           "before XLA_FLAGS took effect; run `bebop plan` in a fresh process")
+    mesh, rules = plan_mesh(cfg, model, jax.devices())
+    plans = []
+    for name in cfg.plan.steps:
+        print(f"plan: compiling {name} ...", file=sys.stderr, flush=True)
+        plans.append(plan_step(cfg, name, mesh, rules))
+    print(format_report(cfg, plans), file=out, flush=True)
+    return plans
+
+
+if __name__ == "__main__":
+    try:
+        run(load_config(None, sys.argv[1:]))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
