@@ -55,9 +55,13 @@ class RunCheckpoints:
         self.manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(self, step: int, like, data_iterator: grain.DatasetIterator | None = None):
-        """(state shaped like the pytree `like`, meta); restores `data_iterator` in place when given."""
-        abstract = jax.tree.map(
-            lambda x: ocp.utils.to_shape_dtype_struct(jax.random.key_data(x) if _is_key(x) else x), like)
+        """(state shaped like the pytree `like`, meta); restores `data_iterator` in place when given.
+
+        numpy leaves of `like` come back as numpy (uncommitted: a jitted step that took fresh, uncommitted
+        arrays reuses its compilation), jax.Array leaves with their sharding, keys as keys.
+        """
+        abstract = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else ocp.utils.to_shape_dtype_struct(
+            jax.random.key_data(x) if _is_key(x) else x), like)
         items = dict(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

@@ -237,13 +237,17 @@ class PlanConfig:
     model: str = "qwen3-8b"  # an architecture of bebop_jax.plan.KNOWN_MODELS, or an HF config.json (or its directory)
     devices: int = 32  # devices of the target slice (TPU v5p: one per chip, so v5p-64 has 32)
     hbm_gib: float = 95.0  # memory per device (TPU v5p: 95 GiB)
-    compile_layers: tuple[int, ...] = (2, 4)  # two trunk depths compiled, extrapolated linearly; () = full depth
+    compile_layers: tuple[int, ...] = ()  # () = the full depth; two depths [a, b]: compile those, extrapolate linearly
+    steps: tuple[Literal["learner", "prefill", "decode", "mtp"], ...] = ("learner", "prefill", "decode", "mtp")
 
     def __post_init__(self):
         _check_positive("plan", self, "devices")
+        if not self.steps:
+            raise ConfigError("config key 'plan.steps': expected at least one of learner, prefill, decode, mtp")
         if self.hbm_gib <= 0:
             raise ConfigError(f"config key 'plan.hbm_gib': expected > 0, got {self.hbm_gib}")
-        if self.compile_layers and (len(self.compile_layers) != 2 or not 0 < self.compile_layers[0] < self.compile_layers[1]):
+        depths = self.compile_layers
+        if depths and (len(depths) != 2 or not 0 < depths[0] < depths[1]):
             raise ConfigError(f"config key 'plan.compile_layers': expected [] or two depths 0 < a < b, "
                               f"got {list(self.compile_layers)}")
 

@@ -170,13 +170,6 @@ def self_distill(cfg, model, progress=None) -> dict[str, Sequences]:
             for i, (name, split) in enumerate(splits.items()) if split}
 
 
-def training_sequences(cfg, tokenizer) -> Sequences:
-    """The training set: the corpus when `data.corpus` is set, else the shards of `{data.dir}/train`."""
-    if cfg.data.corpus is not None:
-        return read_corpus(cfg.data.corpus, tokenizer, cfg.pretrain.seq_len)
-    return read_shards(os.path.join(cfg.data.dir, "train"))
-
-
 def read_corpus(path: str, tokenizer, max_len: int) -> Sequences:
     """A .txt (documents split at blank lines) or .jsonl ({"text"}) corpus; each document + EOS,
     cut into pieces of at most `max_len` tokens, all of them targets (prompt length 0)."""
@@ -186,7 +179,7 @@ def read_corpus(path: str, tokenizer, max_len: int) -> Sequences:
         if path.endswith(".jsonl"):
             docs = [json.loads(line)["text"] for line in f if line.strip()]
         elif path.endswith(".txt"):
-            docs = [d for d in re.split(r"\n\s*\n", f.read()) if d.strip()]
+            docs = [d.strip("\n") for d in re.split(r"\n\s*\n", f.read()) if d.strip()]
         else:
             raise ValueError(f"data.corpus: '{path}' must be a .txt or .jsonl file")
     eos = list(tokenizer.eos_token_ids[:1])

@@ -12,6 +12,7 @@ from bebop_jax.data import loss_masks
 
 K, N, D, V = 3, 10, 8, 40
 TAU = 0.8
+_draft_loss = jax.jit(losses.draft_loss, static_argnums=(0, 6))  # (kind, ..., temperature): one compile per kind
 
 
 def _inputs(seed=0):
@@ -54,8 +55,8 @@ def _direct(kind, h_d, h_t, w, targets, masks, tau=TAU):
 @pytest.mark.parametrize("kind", losses.LOSSES)
 def test_losses_match_direct_computation(kind):
     h_d, h_t, w, targets, masks = _inputs()
-    loss, metrics = losses.draft_loss(kind, *(jnp.asarray(x, jnp.float32) for x in (h_d, h_t)),
-                                      jnp.asarray(targets), jnp.asarray(masks), jnp.asarray(w, jnp.float32), TAU)
+    loss, metrics = _draft_loss(kind, *(jnp.asarray(x, jnp.float32) for x in (h_d, h_t)),
+                                jnp.asarray(targets), jnp.asarray(masks), jnp.asarray(w, jnp.float32), TAU)
     want_loss, want_alpha, want_len = _direct(kind, h_d, h_t, w, targets, masks)
     np.testing.assert_allclose(float(loss), want_loss, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(metrics["alpha"]), want_alpha, rtol=2e-5)
@@ -65,8 +66,8 @@ def test_losses_match_direct_computation(kind):
 
 def test_tv_loss_is_one_minus_alpha():
     h_d, h_t, w, targets, masks = _inputs(1)
-    loss, metrics = losses.draft_loss("tv", *(jnp.asarray(x, jnp.float32) for x in (h_d, h_t)), jnp.asarray(targets),
-                                      jnp.asarray(masks), jnp.asarray(w, jnp.float32), TAU)
+    loss, metrics = _draft_loss("tv", *(jnp.asarray(x, jnp.float32) for x in (h_d, h_t)), jnp.asarray(targets),
+                                jnp.asarray(masks), jnp.asarray(w, jnp.float32), TAU)
     np.testing.assert_allclose(float(loss), float(jnp.mean(1.0 - metrics["alpha"])), rtol=1e-6)
 
 
@@ -115,7 +116,7 @@ def test_masked_positions_do_not_count(kind):
     h_d, h_t, w, targets, masks = _inputs(5)
     args = lambda hd, ht, tg: (jnp.asarray(hd, jnp.float32), jnp.asarray(ht, jnp.float32), jnp.asarray(tg),  # noqa: E731
                                jnp.asarray(masks), jnp.asarray(w, jnp.float32), TAU)
-    base = float(losses.draft_loss(kind, *args(h_d, h_t, targets))[0])
+    base = float(_draft_loss(kind, *args(h_d, h_t, targets))[0])
     rng = np.random.default_rng(6)
     off = ~masks
     h_d2, h_t2, tg2 = h_d.copy(), h_t.copy(), targets.copy()
@@ -124,7 +125,7 @@ def test_masked_positions_do_not_count(kind):
     tg2[off] = rng.integers(0, V, off.sum())
     if kind == "e2e_tv":  # the chain uses earlier steps' alphas only where all earlier steps count
         assert not np.all(np.cumprod(masks, 0) == masks)
-    np.testing.assert_allclose(float(losses.draft_loss(kind, *args(h_d2, h_t2, tg2))[0]), base, rtol=1e-6)
+    np.testing.assert_allclose(float(_draft_loss(kind, *args(h_d2, h_t2, tg2))[0]), base, rtol=1e-6)
 
 
 def test_loss_masks_prompt_padding_segments_and_row_end():
@@ -141,4 +142,4 @@ def test_loss_masks_prompt_padding_segments_and_row_end():
     np.testing.assert_array_equal(masks[:, 0], want)
     # spelled out for k = 1 (target x_{t+2}): origins 1..3 of segment 1, origins 6..7 of segment 2
     np.testing.assert_array_equal(np.flatnonzero(masks[0, 0]), [1, 2, 3, 6, 7])
-    np.testing.assert_array_equal(np.flatnonzero(masks[2, 0]), [0, 1, 2])  # k = 3: x_{t+4} in segment 1
+    np.testing.assert_array_equal(np.flatnonzero(masks[2, 0]), [0, 1])  # k = 3: x_{t+4} in segment 1
