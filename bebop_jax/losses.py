@@ -86,7 +86,8 @@ def draft_loss(kind: str, h_drafts, h_targets, targets, masks, w_vocab, temperat
         raise ValueError(f"unknown draft loss {kind!r}; choose one of {', '.join(LOSSES)}")
     w_vocab = jax.lax.stop_gradient(w_vocab)
     K = h_drafts.shape[0]
-    alphas = jnp.stack([acceptance(h_drafts[k], h_targets[k], w_vocab, temperature, masks[k], implementation)
+    h_alpha = jax.lax.stop_gradient(h_drafts) if kind in ("ce", "kl") else h_drafts  # metric only: no TV backward
+    alphas = jnp.stack([acceptance(h_alpha[k], h_targets[k], w_vocab, temperature, masks[k], implementation)
                         for k in range(K)])  # [K, N]
     alpha_means = jax.vmap(_masked_mean)(alphas, masks)
     chain = expected_accepted(alphas, masks)  # [K]

@@ -85,7 +85,7 @@ def params_from_hf_tensors(cfg: TransformerConfig, tensors: dict[str, np.ndarray
         node[path[-1]] = np.ascontiguousarray(to_ours(np.asarray(tensors[hf_name], dtype=np.float32)))
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     for name in sorted(set(tensors) - set(expected) - ignorable):
-        if "rotary_emb.inv_freq" not in name:
+        if "rotary_emb.inv_freq" not in name and not name.startswith("mtp."):  # MTP heads: load_mtp_heads
             problems.append(f"unexpected tensor {name} with shape {tuple(tensors[name].shape)}")
     if problems:
         raise WeightsError(f"{source} does not match the {cfg.family} architecture it declares:\n  " + "\n  ".join(problems))

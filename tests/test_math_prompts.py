@@ -1,0 +1,48 @@
+"""The built-in math problems: deterministic per seed, integer answers that are right, and the answer checker."""
+
+import re
+
+import numpy as np
+
+from bebop_jax.math_prompts import INSTRUCTION, check_answer, extract_answer, make_problem
+
+
+def _solve(question: str) -> int:
+    """An independent solver for the templates, from the question text alone."""
+    q = question.replace(INSTRUCTION, "")
+    nums = [int(n) for n in re.findall(r"-?\d+", q)]
+    if "remainder" in q:
+        return nums[0] % nums[1]
+    if "Solve for x" in q:
+        a, b, c = nums[0], nums[1], nums[2]
+        b = -b if " - " in q else b
+        return (c - b) // a
+    if "times" in q:
+        return nums[0] * nums[1]
+    if "gives away" in q:
+        return nums[0] + nums[1] - nums[2]
+    if " - " in q:
+        return nums[0] - nums[1]
+    return sum(nums)
+
+
+def test_problems_are_deterministic_and_answers_right():
+    a = [make_problem(np.random.default_rng(3)) for _ in range(1)]
+    b = [make_problem(np.random.default_rng(3)) for _ in range(1)]
+    assert a == b
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(300):
+        question, answer = make_problem(rng)
+        assert question.endswith(INSTRUCTION) and int(answer) == _solve(question), question
+        kinds.add(question.split()[0] + question.split()[2])
+    assert len(kinds) >= 5  # the templates all occur
+
+
+def test_check_answer():
+    assert check_answer("12 + 7 = 19. Answer: 19", "19")
+    assert check_answer("so the answer is -4", "-4")
+    assert check_answer("First 3, then 1,200", "1200")  # the last number, thousands separators dropped
+    assert not check_answer("Answer: 18. (I first thought 19)", "19")  # 'Answer: N' wins over later numbers
+    assert not check_answer("no idea", "3")
+    assert extract_answer("x = 5 and Answer: 7") == "7"
