@@ -1,14 +1,13 @@
-"""A built-in source of verifiable math problems: `make_problem(rng) -> (question, answer)` and a checker.
+"""A built-in source of verifiable math problems: `make_problem(rng) -> (question, answer)`.
 
 Grade-school arithmetic in a few templates (sums, differences, products, short word problems, linear
 equations, remainders), each with an integer answer, so that a reward is an exact match. Used as the
-prompt set of self-distillation (`bebop sample-data`) and, later, as an RL environment.
+prompt set of self-distillation (`bebop sample-data`) and by the RL math environment, which grades
+answers (`bebop_jax.rl.environments.grade`).
 Left out on purpose: fractions, units, multi-step proofs; no answer needs more than an integer.
 """
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 
@@ -58,19 +57,3 @@ def make_problem(rng: np.random.Generator) -> tuple[str, str]:
     """One problem: (question text with the answer-format instruction, answer as a decimal string)."""
     question, answer = _TEMPLATES[rng.integers(len(_TEMPLATES))](rng)
     return f"{question} {INSTRUCTION}", str(answer)
-
-
-_ANSWER = re.compile(r"answer\s*(?:is)?\s*:?\s*\$?(-?\d[\d,]*)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*")
-
-
-def extract_answer(completion: str) -> str | None:
-    """The stated answer: the last 'Answer: N', else the last integer in the text; None if none."""
-    found = _ANSWER.findall(completion) or _NUMBER.findall(completion)
-    return found[-1].replace(",", "") if found else None
-
-
-def check_answer(completion: str, answer: str) -> bool:
-    """True when the completion's stated answer equals `answer` as an integer."""
-    got = extract_answer(completion)
-    return got is not None and got.lstrip("-").isdigit() and int(got) == int(answer)

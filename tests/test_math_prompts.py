@@ -1,10 +1,10 @@
-"""The built-in math problems: deterministic per seed, integer answers that are right, and the answer checker."""
+"""The built-in math problems: deterministic per seed, integer answers that are right, graded by the RL env."""
 
 import re
 
 import numpy as np
 
-from bebop_jax.math_prompts import INSTRUCTION, check_answer, extract_answer, make_problem
+from bebop_jax.math_prompts import INSTRUCTION, make_problem
 
 
 def _solve(question: str) -> int:
@@ -39,10 +39,10 @@ def test_problems_are_deterministic_and_answers_right():
     assert len(kinds) >= 5  # the templates all occur
 
 
-def test_check_answer():
-    assert check_answer("12 + 7 = 19. Answer: 19", "19")
-    assert check_answer("so the answer is -4", "-4")
-    assert check_answer("First 3, then 1,200", "1200")  # the last number, thousands separators dropped
-    assert not check_answer("Answer: 18. (I first thought 19)", "19")  # 'Answer: N' wins over later numbers
-    assert not check_answer("no idea", "3")
-    assert extract_answer("x = 5 and Answer: 7") == "7"
+def test_the_rl_grader_accepts_the_instructed_format():
+    from bebop_jax.rl.environments import grade
+
+    rng = np.random.default_rng(1)
+    question, answer = make_problem(rng)
+    assert grade(f"Let me think. Answer: {answer}", answer)[0] == 1.0
+    assert grade(f"Answer: {int(answer) + 1}", answer)[0] == 0.0
