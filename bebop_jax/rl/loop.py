@@ -280,11 +280,11 @@ def _summarise(run_dir: str) -> dict:
     axes[0].plot(steps, [h["reward"] for h in history], marker="o")
     axes[0].set(xlabel="learner step", ylabel="mean reward", title="reward")
     if "draft_acceptance_rate" in history[0]:
-        axes[1].plot(steps, [h["draft_acceptance_rate"] for h in history], marker="o", label="acceptance rate")
-        axes[1].plot(steps, [h["draft_mean_acceptance_length"] / 4 for h in history], marker=".",
-                     label="mean accepted length / 4")
-        axes[1].legend()
-    axes[1].set(xlabel="learner step", title="draft acceptance")
+        axes[1].plot(steps, [h["draft_acceptance_rate"] for h in history], marker="o", color="C0")
+        twin = axes[1].twinx()
+        twin.plot(steps, [h["draft_mean_acceptance_length"] for h in history], marker=".", color="C1")
+        twin.set_ylabel("tokens per verify step", color="C1")
+    axes[1].set(xlabel="learner step", ylabel="draft acceptance rate", title="draft acceptance")
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "curves.png"), dpi=100)
     plt.close(fig)
