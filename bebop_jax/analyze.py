@@ -115,31 +115,26 @@ def analyze(run_dir: str) -> str:
     figures = []
     reports = {_label(p, run_dir): json.load(open(p))
                for p in sorted(glob.glob(os.path.join(run_dir, "**", "acceptance.json"), recursive=True))}
-    md.append("## Acceptance vs policy entropy, per draft loss")
-    if reports:
-        figures.append("acceptance_vs_entropy.png")
-        md += ["", "![acceptance vs entropy](acceptance_vs_entropy.png)", "",
-               *_entropy_figure(reports, os.path.join(out, figures[-1])), ""]
-    else:
-        md += ["", "_no eval-acceptance reports found_", ""]
-    md.append("## Rejection sampling vs greedy drafting vs block verification")
     modes_file = os.path.join(run_dir, "modes.json")
-    if os.path.isfile(modes_file):
-        figures.append("verify_modes.png")
-        md += ["", "![verification modes](verify_modes.png)", "",
-               *_modes_figure(json.load(open(modes_file)), os.path.join(out, figures[-1])), ""]
-    else:
-        md += ["", "_no modes.json found_", ""]
-    md.append("## Draft acceptance through RL, per MTP strategy")
     histories = {os.path.basename(d): read_history(d)
                  for d in sorted(glob.glob(os.path.join(run_dir, "rl", "*"))) if os.path.isfile(os.path.join(d, "metrics.jsonl"))}
-    histories = {k: v for k, v in histories.items() if v}
-    if histories:
-        figures.append("rl_acceptance.png")
-        md += ["", "![acceptance through RL](rl_acceptance.png)", "",
-               *_rl_figure(histories, os.path.join(out, figures[-1])), ""]
-    else:
-        md += ["", "_no RL runs found under rl/_", ""]
+    sections = [  # (title, figure file, draw(path) -> table lines, or None when the input is missing, note)
+        ("Acceptance vs policy entropy, per draft loss", "acceptance_vs_entropy.png",
+         (lambda path: _entropy_figure(reports, path)) if reports else None, "_no eval-acceptance reports found_"),
+        ("Rejection sampling vs greedy drafting vs block verification", "verify_modes.png",
+         (lambda path: _modes_figure(json.load(open(modes_file)), path)) if os.path.isfile(modes_file) else None,
+         "_no modes.json found_"),
+        ("Draft acceptance through RL, per MTP strategy", "rl_acceptance.png",
+         (lambda path: _rl_figure({k: v for k, v in histories.items() if v}, path))
+         if any(histories.values()) else None, "_no RL runs found under rl/_"),
+    ]
+    for title, figure, draw, note in sections:
+        md.append(f"## {title}")
+        if draw is None:
+            md += ["", note, ""]
+            continue
+        figures.append(figure)
+        md += ["", f"![{title}]({figure})", "", *draw(os.path.join(out, figure)), ""]
     md.append("## Rollout throughput")
     speed_file = os.path.join(run_dir, "speed.json")
     if os.path.isfile(speed_file):
