@@ -8,13 +8,15 @@ and rebuilt on restore, so a state with keys restores bit-exactly. Used by `bebo
 and by RL later.
 
 `load_mtp_heads(path)` reads the heads of the latest step of a pretraining run directory, or the
-Qwen3-Next `mtp.*` tensors of an HF directory; `export_hf_with_mtp` writes such a directory.
+Qwen3-Next `mtp.*` tensors of an HF directory; `export_hf_with_mtp` writes such a directory. Heads
+trained on a draft sub-vocabulary carry its ids (run meta `draft_ids`; HF tensor `mtp.draft_ids`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import NamedTuple
 
 import grain
 import jax
@@ -84,9 +86,19 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def load_mtp_heads(path: str) -> tuple[MTPConfig, dict]:
-    """(MTPConfig, params) from a `bebop pretrain-mtp` run directory (latest step) or an HF directory
-    holding Qwen3-Next `mtp.*` (or DeepSeek-V3 MTP) tensors beside the trunk."""
+class MTPHeadsCheckpoint(NamedTuple):
+    cfg: MTPConfig
+    params: dict  # MTP parameters (numpy)
+    draft_ids: np.ndarray | None  # [Vd] int32, ascending: the draft sub-vocabulary; None = the full vocabulary
+
+
+def _draft_ids(ids) -> np.ndarray | None:
+    return None if ids is None else np.asarray(ids, np.int32)
+
+
+def load_mtp_heads(path: str) -> MTPHeadsCheckpoint:
+    """The heads of a `bebop pretrain-mtp` run directory (latest step) or of an HF directory holding
+    Qwen3-Next `mtp.*` (or DeepSeek-V3 MTP) tensors beside the trunk."""
     if os.path.isdir(os.path.join(path, "checkpoints")):
         ckpt = RunCheckpoints(path)
         step = ckpt.latest_step()
@@ -94,19 +106,22 @@ def load_mtp_heads(path: str) -> tuple[MTPConfig, dict]:
             raise FileNotFoundError(f"run directory '{path}' holds no finished checkpoint")
         state, meta = ckpt.restore_raw(step)
         ckpt.close()
-        return MTPConfig(**meta["mtp"]), jax.tree.map(np.asarray, state["params"])
+        return MTPHeadsCheckpoint(MTPConfig(**meta["mtp"]), jax.tree.map(np.asarray, state["params"]),
+                                  _draft_ids(meta.get("draft_ids")))
     if os.path.isfile(os.path.join(path, "config.json")):
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
-        mtp, params = mtp_params_from_hf_tensors(weights_lib.config_from_hf(hf), weights_lib.read_safetensors_dir(path))
+        tensors = weights_lib.read_safetensors_dir(path)
+        mtp, params = mtp_params_from_hf_tensors(weights_lib.config_from_hf(hf), tensors)
         steps = hf.get("bebop_mtp_num_steps", mtp.num_steps)
-        return MTPConfig(num_steps=steps, num_layers=mtp.num_layers), params
+        return MTPHeadsCheckpoint(MTPConfig(num_steps=steps, num_layers=mtp.num_layers), params,
+                                  _draft_ids(tensors.get("mtp.draft_ids")))
     raise FileNotFoundError(f"'{path}' is neither a pretrain-mtp run directory (with checkpoints/) "
                             "nor an HF directory (with config.json)")
 
 
 def export_hf_with_mtp(model: LoadedModel, mtp: MTPConfig, mtp_params: dict, path: str,
-                       max_shard_bytes: int | None = None) -> None:
+                       max_shard_bytes: int | None = None, draft_ids: np.ndarray | None = None) -> None:
     """Writes the trunk, the heads as Qwen3-Next `mtp.*` tensors and the tokenizer as one HF directory.
 
     config.json also records `num_nextn_predict_layers` (the distinct MTP layers, as DeepSeek-V3 and
@@ -116,7 +131,8 @@ def export_hf_with_mtp(model: LoadedModel, mtp: MTPConfig, mtp_params: dict, pat
     weights_lib.save_hf(path, model.cfg, jax.tree.map(np.asarray, model.params),
                         bos_token_id=tok.bos_token_id if tok else None,
                         eos_token_id=tok.eos_token_ids[0] if tok and tok.eos_token_ids else None,
-                        extra_tensors=mtp_params_to_hf_tensors(model.cfg, mtp, mtp_params),
+                        extra_tensors=mtp_params_to_hf_tensors(model.cfg, mtp, mtp_params)
+                        | ({} if draft_ids is None else {"mtp.draft_ids": np.asarray(draft_ids, np.int32)}),
                         max_shard_bytes=max_shard_bytes)
     config_file = os.path.join(path, "config.json")
     with open(config_file) as f:

@@ -81,7 +81,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {e}") from None
     mtp_cfg = mtp_params = draft_ids = None
     if spec.mode != "none":
-        mtp_cfg, mtp_params = load_mtp_heads(spec.mtp_checkpoint)
+        mtp_cfg, mtp_params, draft_ids = load_mtp_heads(spec.mtp_checkpoint)
+        if spec.draft_vocab and draft_ids is not None:
+            raise SystemExit(f"error: the heads at {spec.mtp_checkpoint} draft from their own {len(draft_ids)}-id "
+                             "vocabulary; --draft-vocab applies to full-vocabulary heads only")
         if spec.draft_vocab:  # BPE ids are merge-ordered, a proxy for frequency when no counts are at hand
             draft_ids = np.union1d(np.arange(min(spec.draft_vocab, model.cfg.vocab_size)), tok.eos_token_ids)
     print(f"loaded {model.source} ({model.cfg.family}, {model.cfg.num_layers} layers) in {time.perf_counter() - t0:.1f}s",
@@ -121,8 +124,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         return
     from bebop_jax.checkpoint import export_hf_with_mtp, load_mtp_heads
 
-    mtp, params = load_mtp_heads(args.mtp)
-    export_hf_with_mtp(model, mtp, params, args.out, max_shard_bytes=max_shard_bytes)
+    mtp, params, draft_ids = load_mtp_heads(args.mtp)
+    export_hf_with_mtp(model, mtp, params, args.out, max_shard_bytes=max_shard_bytes, draft_ids=draft_ids)
     print(f"wrote {args.out} (HF safetensors with {mtp.num_layers} MTP layer(s) as mtp.*, K={mtp.num_steps}, "
           "config.json, tokenizer)")
 
@@ -221,8 +224,10 @@ _RL_FLAGS = {
 
 def cmd_rl(args: argparse.Namespace) -> None:
     cfg = _config_from_args(args, _RL_FLAGS)
+    from bebop_jax.distributed import initialize
     from bebop_jax.rl.loop import train_rl
 
+    initialize(cfg.mesh)  # before any other JAX call: on a pod, every process joins one set of devices
     summary = _user_errors(lambda: train_rl(cfg))
     print(json.dumps(summary, indent=2))
 

@@ -146,7 +146,10 @@ class PretrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # global gradient norm
-    init: Literal["trunk", "random"] = "trunk"  # MTP blocks from the trunk's last layer, or random
+    # "trunk": MTP blocks from the trunk's last layer; "random"; or the path of trained heads (a run dir
+    # or HF dir) to continue from, e.g. CE-trained heads fine-tuned with e2e TV (as the paper does)
+    init: str = "trunk"
+    draft_vocab: int = 0  # > 0: the heads draft from this many most frequent ids of the data (exact, cheaper)
     cache_hidden: bool = True  # run the trunk once and cache its hidden states (bf16) in cache_dir
     cache_dir: str = "runs/hidden_cache"
     seed: int = 0  # head init and data order
@@ -156,7 +159,9 @@ class PretrainConfig:
 
     def __post_init__(self):
         _check_positive("pretrain", self, "batch_size seq_len checkpoint_every log_every")
-        _check_positive("pretrain", self, "steps warmup_steps", 0)
+        _check_positive("pretrain", self, "steps warmup_steps draft_vocab", 0)
+        if not self.init:
+            raise ConfigError("config key 'pretrain.init': expected trunk, random or the path of trained heads")
         for name in ("temperature", "learning_rate", "grad_clip"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config key 'pretrain.{name}': expected > 0, got {getattr(self, name)}")
@@ -209,17 +214,23 @@ class RLConfig:
     kl_coef: float = 0.0  # > 0: k3 KL to the initial policy
     loop: Literal["async", "sync"] = "async"
     max_staleness: int = 1  # policy versions a trajectory may lag; older ones are dropped
-    publish_every: int = 1  # learner steps between weight publications to the actor
+    publish_every: int = 1  # learner steps between weight publications to the actor (async; sync: every step)
     queue_size: int = 2
     mtp_strategy: Literal["frozen", "online-ce", "online-tv"] = "frozen"
     mtp_learning_rate: float = 1e-4
     seed: int = 0
     run_dir: str = "runs/rl"
     checkpoint_every: int = 5
+    # fraction of the devices that roll out (the rest learn, on a mesh.* mesh); 0 = both share all devices.
+    # On one device both always share it. See sharding.rl_meshes.
+    actor_devices: float = 0.0
 
     def __post_init__(self):
         _check_positive("rl", self, "steps prompts_per_step group_size max_new_tokens publish_every queue_size "
                         "checkpoint_every max_prompt_tokens")
+        if not 0.0 <= self.actor_devices < 1.0:
+            raise ConfigError(f"config key 'rl.actor_devices': expected a fraction in [0, 1) of the devices for the "
+                              f"actor (0 = actor and learner share all devices), got {self.actor_devices}")
         if self.max_staleness < 0:
             raise ConfigError(f"config key 'rl.max_staleness': expected >= 0, got {self.max_staleness}")
         if self.temperature <= 0:

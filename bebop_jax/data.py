@@ -267,12 +267,15 @@ def max_loss_origins(rows: Rows, num_steps: int, multiple: int = 8) -> int:
 
 
 class RowSource:
-    """grain random-access source over rows; adds each row's cached trunk hidden states when given."""
+    """grain random-access source over rows; adds each row's cached trunk hidden states [T,D] and
+    target log-normalisers [T] (`pretrain_mtp.full_logz`) when given."""
 
-    def __init__(self, rows: Rows, hidden: np.ndarray | None = None):
+    def __init__(self, rows: Rows, hidden: np.ndarray | None = None, target_logz: np.ndarray | None = None):
         if hidden is not None and hidden.shape[:2] != rows.tokens.shape:
             raise ValueError(f"hidden cache has shape {hidden.shape}, expected [{len(rows)}, {rows.tokens.shape[1]}, D]")
-        self.rows, self.hidden = rows, hidden
+        if target_logz is not None and target_logz.shape != rows.tokens.shape:
+            raise ValueError(f"target_logz has shape {target_logz.shape}, expected {rows.tokens.shape}")
+        self.rows, self.hidden, self.target_logz = rows, hidden, target_logz
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -283,6 +286,8 @@ class RowSource:
                    "completion": r.completion[i]}
         if self.hidden is not None:
             example["hidden"] = np.asarray(self.hidden[i])
+        if self.target_logz is not None:
+            example["target_logz"] = self.target_logz[i]
         return example
 
 

@@ -38,7 +38,7 @@ def verify_modes(model: LoadedModel, heads: str, out: str, *, temperatures=(0.5,
     """Acceptance of each verification rule at each temperature on math prompts; writes `out` (JSON)."""
     from bebop_jax.checkpoint import load_mtp_heads
 
-    mtp_cfg, mtp_params = load_mtp_heads(heads)
+    mtp_cfg, mtp_params, draft_ids = load_mtp_heads(heads)
     prompts = _prompts(model, batch, seed)
     result = {"heads": heads, "num_draft": num_draft, "modes": {}}
     for mode in ("rejection", "greedy_draft", "block"):
@@ -46,7 +46,7 @@ def verify_modes(model: LoadedModel, heads: str, out: str, *, temperatures=(0.5,
         for t in temperatures:
             r = speculative_generate(model.params, model.cfg, prompts, jax.random.key(seed), mtp_params=mtp_params,
                                      mtp_cfg=mtp_cfg, mode=mode, num_draft=num_draft, max_new_tokens=max_new_tokens,
-                                     temperature=t, eos_ids=())
+                                     temperature=t, eos_ids=(), draft_ids=draft_ids)
             rows.append({"temperature": t, **r.metrics(num_draft),
                          "policy_entropy": float(r.entropies[r.tokens >= 0].mean())})
         result["modes"][mode] = rows
@@ -60,7 +60,7 @@ def rollout_speed(model: LoadedModel, heads: str, out: str, *, settings=((1, 1.0
     """Plain vs speculative (rejection) tokens/s, alternating runs, EOS off; writes `out` (JSON)."""
     from bebop_jax.checkpoint import load_mtp_heads
 
-    mtp_cfg, mtp_params = load_mtp_heads(heads)
+    mtp_cfg, mtp_params, draft_ids = load_mtp_heads(heads)
     rows = []
     for batch, t in settings:
         prompts = _prompts(model, batch, seed)
@@ -69,7 +69,7 @@ def rollout_speed(model: LoadedModel, heads: str, out: str, *, settings=((1, 1.0
                                              **common)
         spec = lambda: speculative_generate(model.params, model.cfg, prompts, jax.random.key(seed),  # noqa: E731
                                             mtp_params=mtp_params, mtp_cfg=mtp_cfg, mode="rejection",
-                                            num_draft=num_draft, **common)
+                                            num_draft=num_draft, draft_ids=draft_ids, **common)
         plain(), spec()  # compile
         times = {"plain": [], "spec": []}
         for _ in range(repeats):

@@ -34,22 +34,27 @@ from bebop_jax.pretrain_mtp import draft_inputs
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mtp", "temperatures", "num_origins"))
-def score_batch(trunk_params, mtp_params, batch, *, cfg: TransformerConfig, mtp: MTPConfig,
+def score_batch(trunk_params, mtp_params, batch, draft_ids=None, *, cfg: TransformerConfig, mtp: MTPConfig,
                 temperatures: tuple[float, ...], num_origins: int):
-    """alpha, entropy of p [len(temperatures), K, B*G] and masks [K, B*G] of a batch of padded rows."""
+    """alpha, entropy of p [len(temperatures), K, B*G] and masks [K, B*G] of a batch of padded rows.
+
+    draft_ids [Vd] (optional): the heads' draft sub-vocabulary; q is 0 outside it, p stays the full one.
+    """
     hidden, _ = Transformer(cfg).apply({"params": trunk_params}, batch["tokens"], batch["positions"], None,
                                        batch["segment_ids"])  # [B,T,D]
-    h_d, h_t, _, masks = draft_inputs(cfg, mtp, mtp_params, trunk_params["embedding"], dict(batch, hidden=hidden),
-                                      num_origins)  # [K,N,D], [K,N,D], [K,N]
+    h_d, h_t, _, masks, _ = draft_inputs(cfg, mtp, mtp_params, trunk_params["embedding"],
+                                         dict(batch, hidden=hidden), num_origins)  # [K,N,D], [K,N,D], [K,N]
     w = vocab_matrix(cfg, trunk_params)  # [V,D]
+    w_draft = w if draft_ids is None else w[draft_ids]  # [Vd,D]
 
     def one_step(hs):  # one draft step at a time: [N,V] logits of p and q, never [K,N,V]
-        z_q = jnp.einsum("ND,VD->NV", hs[0], w, preferred_element_type=jnp.float32)
+        z_q = jnp.einsum("ND,VD->NV", hs[0], w_draft, preferred_element_type=jnp.float32)
         z_p = jnp.einsum("ND,VD->NV", hs[1], w, preferred_element_type=jnp.float32)
         alphas, entropies = [], []
         for tau in temperatures:
             logp, logq = jax.nn.log_softmax(z_p / tau, -1), jax.nn.log_softmax(z_q / tau, -1)
-            alphas.append(jnp.sum(jnp.minimum(jnp.exp(logp), jnp.exp(logq)), -1))  # [N]
+            logp_draft = logp if draft_ids is None else logp[:, draft_ids]
+            alphas.append(jnp.sum(jnp.minimum(jnp.exp(logp_draft), jnp.exp(logq)), -1))  # [N]
             entropies.append(-jnp.sum(jnp.exp(logp) * logp, -1))  # [N]
         return jnp.stack(alphas), jnp.stack(entropies)  # [nT, N] each
 
@@ -72,8 +77,8 @@ def entropy_analysis(alpha: np.ndarray, entropy: np.ndarray, num_buckets: int) -
 
 
 def evaluate(model: LoadedModel, mtp: MTPConfig, mtp_params: dict, seqs: data_lib.Sequences,
-             temperatures: tuple[float, ...], num_buckets: int, batch_size: int) -> dict:
-    """Acceptance report of the heads on `seqs` (see the module docstring)."""
+             temperatures: tuple[float, ...], num_buckets: int, batch_size: int, draft_ids=None) -> dict:
+    """Acceptance report of the heads on `seqs` (see the module docstring); draft_ids as in `score_batch`."""
     D = model.cfg.hidden_size
     fc = mtp_params["layers_0"]["fc"]
     if tuple(np.shape(fc)) != (2 * D, D):
@@ -86,10 +91,11 @@ def evaluate(model: LoadedModel, mtp: MTPConfig, mtp_params: dict, seqs: data_li
     arrays = {name: np.concatenate([getattr(rows, name), np.zeros((pad, seq_len), getattr(rows, name).dtype)])
               for name in ("tokens", "positions", "segment_ids", "completion")}
     mtp_params = jax.tree.map(jnp.asarray, mtp_params)
+    ids = None if draft_ids is None else jnp.asarray(draft_ids, jnp.int32)
     alphas, entropies, masks = [], [], []
     for start in range(0, len(rows) + pad, batch_size):
         batch = {name: a[start:start + batch_size] for name, a in arrays.items()}
-        a, e, m = score_batch(model.params, mtp_params, batch, cfg=model.cfg, mtp=mtp,
+        a, e, m = score_batch(model.params, mtp_params, batch, ids, cfg=model.cfg, mtp=mtp,
                               temperatures=tuple(temperatures), num_origins=num_origins)
         alphas.append(np.asarray(a))
         entropies.append(np.asarray(e))
@@ -105,6 +111,7 @@ def evaluate(model: LoadedModel, mtp: MTPConfig, mtp_params: dict, seqs: data_li
                         "expected_length": 1.0 + float(jnp.sum(chain)),
                         "entropy_mean": float(entropy[i, 0][mask[0]].mean()), "heads": per_head})
     return {"num_sequences": len(seqs), "num_origins": [int(m.sum()) for m in mask],
+            "draft_vocab": None if draft_ids is None else len(draft_ids),
             "mtp": {"num_steps": mtp.num_steps, "num_layers": mtp.num_layers}, "results": results}
 
 
@@ -137,10 +144,11 @@ def run(cfg: Config, heads: str, out: str | None = None, model: LoadedModel | No
 
     `out` defaults to `{heads}/acceptance.json`; the plot goes beside it as .png.
     """
-    mtp, params = load_mtp_heads(heads)
+    mtp, params, draft_ids = load_mtp_heads(heads)
     seqs = data_lib.read_shards(os.path.join(cfg.data.dir, "heldout"))
     model = model or load_model(cfg.model.source, cfg.model.dtype)
-    report = evaluate(model, mtp, params, seqs, cfg.eval.temperatures, cfg.eval.entropy_buckets, cfg.eval.batch_size)
+    report = evaluate(model, mtp, params, seqs, cfg.eval.temperatures, cfg.eval.entropy_buckets, cfg.eval.batch_size,
+                      draft_ids)
     report = {"heads": heads, "data": os.path.join(cfg.data.dir, "heldout")} | report
     out = out or os.path.join(heads, "acceptance.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

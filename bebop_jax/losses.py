@@ -12,6 +12,15 @@ Inputs are hidden states, never logits: alpha goes through the fused kernel
 models; CE and KL are computed over row chunks under `jax.checkpoint` so their memory is bounded too.
 Masks: `masks[k-1][n]` is True where origin n has a real, non-prompt target for step k. For the
 e2e product a step counts only where every earlier step does (cumulative mask).
+
+Draft sub-vocabulary (`target_logz` given): the heads draft from Vd << V frequent ids (EAGLE-3 /
+FR-Spec), `w_vocab` holds those Vd rows, q = softmax over them (0 elsewhere), and p stays the policy's
+full-vocabulary distribution restricted to them, p_v = exp(W_v h_t / tau - logZ_t) with logZ_t the
+full log-normaliser (computed once per position, `pretrain_mtp.target_logz_cache`). Then alpha =
+sum_{v in Vd} min(p_v, q_v) is still the exact acceptance of rejection sampling with that draft (the
+mass of p outside Vd is never accepted), at Vd/V of the projection cost. CE counts targets inside Vd
+(`targets` are row indices into `w_vocab`, -1 outside); KL is KL(p~ || q) with p~ = p renormalised
+over Vd. These paths are plain jnp over row chunks ([rows x Vd] tiles).
 """
 
 from __future__ import annotations
@@ -60,10 +69,21 @@ def forward_kl(h_draft, h_target, w_vocab, temperature: float = 1.0):
     return _row_chunks(fn, h_draft, jax.lax.stop_gradient(h_target))
 
 
-def acceptance(h_draft, h_target, w_vocab, temperature: float = 1.0, mask=None, implementation=None):
-    """alpha = sum_v min(p, q) per row [N] (the analytic acceptance), through the fused kernel."""
-    return fused_acceptance(h_draft, jax.lax.stop_gradient(h_target), w_vocab, temperature=temperature,
-                            mask=mask, implementation=implementation)
+def acceptance(h_draft, h_target, w_vocab, temperature: float = 1.0, mask=None, implementation=None,
+               target_logz=None):
+    """alpha = sum_v min(p, q) per row [N] (the analytic acceptance), through the fused kernel; with
+    `target_logz` [N] (p's full-vocabulary log-normaliser) over the draft sub-vocabulary `w_vocab` [Vd,D]."""
+    h_target = jax.lax.stop_gradient(h_target)
+    if target_logz is None:
+        return fused_acceptance(h_draft, h_target, w_vocab, temperature=temperature, mask=mask,
+                                implementation=implementation)
+
+    def fn(hd, ht, logz):
+        logq = jax.nn.log_softmax(jnp.einsum("ND,VD->NV", hd, w_vocab, preferred_element_type=jnp.float32)
+                                  / temperature, axis=-1)
+        logp = jnp.einsum("ND,VD->NV", ht, w_vocab, preferred_element_type=jnp.float32) / temperature - logz[:, None]
+        return jnp.sum(jnp.minimum(jnp.exp(logp), jnp.exp(logq)), axis=-1)
+    return _row_chunks(fn, h_draft, h_target, jax.lax.stop_gradient(target_logz))
 
 
 def expected_accepted(alphas, masks):
@@ -74,21 +94,22 @@ def expected_accepted(alphas, masks):
 
 
 def draft_loss(kind: str, h_drafts, h_targets, targets, masks, w_vocab, temperature: float = 1.0,
-               implementation=None):
+               implementation=None, target_logz=None):
     """The training loss of K draft steps and its metrics.
 
-    h_drafts, h_targets [K, N, D] (h^k_t and h^trunk_{t+k}); targets [K, N] (x_{t+k+1});
-    masks [K, N] bool; w_vocab [V, D] (frozen LM head). Returns (scalar loss, metrics dict) where the
-    metrics hold alpha_k [K] (masked means), the expected accepted length 1 + sum_k E prod alpha and,
-    for CE/KL, their values.
+    h_drafts, h_targets [K, N, D] (h^k_t and h^trunk_{t+k}); targets [K, N] (x_{t+k+1}, as rows of
+    w_vocab; -1 = outside the draft vocabulary); masks [K, N] bool; w_vocab [V, D] (frozen LM head) or,
+    with target_logz [K, N] (the log-normaliser of p over the full vocabulary), the draft sub-vocabulary's
+    rows [Vd, D] (module docstring). Returns (scalar loss, metrics dict) where the metrics hold alpha_k [K]
+    (masked means), the expected accepted length 1 + sum_k E prod alpha and, for CE/KL, their values.
     """
     if kind not in LOSSES:
         raise ValueError(f"unknown draft loss {kind!r}; choose one of {', '.join(LOSSES)}")
     w_vocab = jax.lax.stop_gradient(w_vocab)
     K = h_drafts.shape[0]
     h_alpha = jax.lax.stop_gradient(h_drafts) if kind in ("ce", "kl") else h_drafts  # metric only: no TV backward
-    alphas = jnp.stack([acceptance(h_alpha[k], h_targets[k], w_vocab, temperature, masks[k], implementation)
-                        for k in range(K)])  # [K, N]
+    alphas = jnp.stack([acceptance(h_alpha[k], h_targets[k], w_vocab, temperature, masks[k], implementation,
+                                   None if target_logz is None else target_logz[k]) for k in range(K)])  # [K, N]
     alpha_means = jax.vmap(_masked_mean)(alphas, masks)
     chain = expected_accepted(alphas, masks)  # [K]
     metrics = {"alpha": alpha_means, "expected_length": 1.0 + jnp.sum(chain)}
@@ -97,8 +118,8 @@ def draft_loss(kind: str, h_drafts, h_targets, targets, masks, w_vocab, temperat
     elif kind == "e2e_tv":
         loss = -jnp.mean(chain)
     elif kind == "ce":
-        per_step = jnp.stack([_masked_mean(cross_entropy(h_drafts[k], targets[k], w_vocab, temperature), masks[k])
-                              for k in range(K)])
+        per_step = jnp.stack([_masked_mean(cross_entropy(h_drafts[k], targets[k], w_vocab, temperature),
+                                           masks[k] & (targets[k] >= 0)) for k in range(K)])
         loss = jnp.mean(per_step)
         metrics["ce"] = per_step
     else:

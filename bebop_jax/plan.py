@@ -50,7 +50,7 @@ from jax.sharding import Mesh
 from bebop_jax import sharding
 from bebop_jax.config import Config, ConfigError, load_config, to_dict
 from bebop_jax.generate import cache_length_for
-from bebop_jax.model.mtp import MTPConfig, MTPHeads
+from bebop_jax.model.mtp import MTPConfig
 from bebop_jax.model.transformer import CACHE_AXES, KVCache, TransformerConfig
 from bebop_jax.model.weights import config_from_hf
 from bebop_jax.pretrain_mtp import StepSettings, TrainState, train_step
@@ -140,13 +140,6 @@ def _boxed_like(x: jax.ShapeDtypeStruct, names) -> nn.LogicallyPartitioned:
     return _box(x.shape, x.dtype, names)
 
 
-def _heads(cfg: TransformerConfig, mtp: MTPConfig) -> dict:
-    """The MTP parameters as ShapeDtypeStructs in their logical boxes."""
-    x = jnp.zeros((1, 1, cfg.hidden_size), cfg.compute_dtype)
-    pos = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: MTPHeads(cfg, mtp).init(jax.random.key(0), x, x, pos))["params"]
-
-
 def _boxed_spec_state(s) -> Any:
     """Logical names for a SpecState of ShapeDtypeStructs: rows over the batch axes, caches by CACHE_AXES."""
     def rows(x):
@@ -192,7 +185,7 @@ def _rollout_inputs(cfg: Config, model: TransformerConfig, shapes: Shapes):
     """(prefill's boxed args, prefill with its static settings, those settings, the boxed SpecState)."""
     mtp = MTPConfig(cfg.mtp.num_steps, cfg.mtp.num_layers)
     B = shapes.rollout_rows
-    params, heads = sharding.abstract_params(model), _heads(model, mtp)
+    params, heads = sharding.abstract_params(model), sharding.abstract_heads(model, mtp)
     args = (params, heads, _rows((B, shapes.prompt_len), jnp.int32), _rows((B,), jnp.int32),
             jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.float32))
     static = dict(cfg=model, mtp_cfg=mtp, num_draft=shapes.num_draft, greedy=False, top_p=1.0, eos_ids=())
@@ -216,7 +209,7 @@ def build_decode(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step:
 def build_mtp(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step:
     mtp = MTPConfig(cfg.mtp.num_steps, cfg.mtp.num_layers)
     settings = StepSettings.from_config(cfg.pretrain, num_origins=shapes.mtp_len)
-    heads = _heads(model, mtp)
+    heads = sharding.abstract_heads(model, mtp)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), heads, jax.eval_shape(settings.optimizer().init, heads))
     V, D = model.vocab_size, model.hidden_size
     frozen = {"embedding": _box((V, D), jnp.float32, ("vocab", "embed")),

@@ -21,7 +21,15 @@ the trunk's final norm into each output norm, with fc = [I ; I] (the sum of the 
 x_{t+k} and the normed previous hidden state); "random" is `init_mtp_params`. On SmolLM2 neither
 accepts anything at step 0 (alpha ~0.01), but over the same 20 e2e-TV steps (same batches) the trunk
 copy reached a mean loss of -0.054 over steps 16-20 against -0.031 from random (fc scaled x20 to
-the trunk's residual RMS: -0.046), so "trunk" is the default.
+the trunk's residual RMS: -0.046), so "trunk" is the default. A path continues from trained heads (a run or HF dir), as the paper
+fine-tunes existing (CE-trained) MTP heads with its TV loss.
+
+Draft sub-vocabulary (`pretrain.draft_vocab` = Vd > 0): the heads learn to draft from the Vd ids most
+frequent in the training completions (+ EOS), with p kept exact (`losses` docstring). What it needs
+beyond the hidden cache is each position's full-vocabulary log-normaliser logZ at the loss temperature,
+[R,T] f32, computed once from the cached states (`{cache_dir}/logz_*.npy`). A step then projects onto
+Vd rows instead of V: on SmolLM2 (V=49152, Vd=4096) the vocabulary cost falls 12x and a step is
+bounded by the MTP block instead. The ids are saved with the heads, and the engine drafts from them.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import numpy as np
 import optax
 
 from bebop_jax import data as data_lib
-from bebop_jax.checkpoint import RunCheckpoints
+from bebop_jax.checkpoint import RunCheckpoints, load_mtp_heads
 from bebop_jax.config import Config, to_dict
 from bebop_jax.losses import draft_loss
 from bebop_jax.model import LoadedModel, load_model
@@ -77,10 +85,10 @@ def _fingerprint(model: LoadedModel, rows: data_lib.Rows) -> str:
 
 
 def hidden_cache(model: LoadedModel, rows: data_lib.Rows, cache_dir: str, batch_size: int = 8,
-                 progress: bool = False) -> np.ndarray:
+                 progress: bool = False, fingerprint: str | None = None) -> np.ndarray:
     """The trunk's hidden states of every row, [R,T,D] bf16, from `cache_dir` or computed once and stored
     there (written to a temporary file, renamed when complete)."""
-    path = os.path.join(cache_dir, f"hidden_{_fingerprint(model, rows)}.npy")
+    path = os.path.join(cache_dir, f"hidden_{fingerprint or _fingerprint(model, rows)}.npy")
     if not os.path.isfile(path):
         from tqdm import tqdm
 
@@ -97,6 +105,42 @@ def hidden_cache(model: LoadedModel, rows: data_lib.Rows, cache_dir: str, batch_
         del out
         os.replace(tmp, path)
     return np.load(path, mmap_mode="r").view(ml_dtypes.bfloat16)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature",))
+def full_logz(hidden, w_vocab, *, temperature: float):
+    """log sum_v exp(W_v h / tau) [B,T] f32 of hidden states [B,T,D] (any float dtype), W [V,D]."""
+    logits = jnp.einsum("BTD,VD->BTV", hidden.astype(jnp.float32), w_vocab, preferred_element_type=jnp.float32)
+    return jax.nn.logsumexp(logits / temperature, axis=-1)
+
+
+def target_logz_cache(hidden: np.ndarray, w_vocab, temperature: float, path: str, batch_size: int = 4,
+                      progress: bool = False) -> np.ndarray:
+    """`full_logz` of every cached row, [R,T] f32, read from `path` or computed once and stored there."""
+    if not os.path.isfile(path):
+        from tqdm import tqdm
+
+        out = np.empty(hidden.shape[:2], np.float32)
+        for start in tqdm(range(0, len(hidden), batch_size), desc="target log-normalisers", disable=not progress):
+            out[start:start + batch_size] = full_logz(np.asarray(hidden[start:start + batch_size]), w_vocab,
+                                                      temperature=temperature)
+        np.save(path + ".tmp.npy", out)
+        os.replace(path + ".tmp.npy", path)
+    return np.load(path)
+
+
+def draft_vocabulary(rows: data_lib.Rows, vocab_size: int, size: int, always: tuple[int, ...]) -> np.ndarray:
+    """The `size` ids most frequent among the rows' completion tokens (+ `always`), [Vd] int32 ascending."""
+    from bebop_jax.speculative import frequent_tokens
+
+    return frequent_tokens([rows.tokens[rows.completion]], vocab_size, size, always)
+
+
+def vocab_index(draft_ids, vocab_size: int) -> np.ndarray:
+    """[V] int32: each id's row in the draft vocabulary, -1 outside it."""
+    index = np.full(vocab_size, -1, np.int32)
+    index[np.asarray(draft_ids)] = np.arange(len(draft_ids), dtype=np.int32)
+    return index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,12 +164,16 @@ def init_heads(model: LoadedModel, mtp: MTPConfig, init: str, key: jax.Array) ->
     return params
 
 
-def draft_inputs(cfg: TransformerConfig, mtp: MTPConfig, mtp_params, embedding, batch, num_origins: int):
+def draft_inputs(cfg: TransformerConfig, mtp: MTPConfig, mtp_params, embedding, batch, num_origins: int,
+                 vocab_index=None):
     """The inputs of `draft_loss` for a batch of rows, at the origins that count for some step.
 
-    batch: hidden [B,T,D] (trunk, bf16), tokens, positions, segment_ids [B,T], completion [B,T] bool.
-    Returns h_drafts, h_targets [K, B*G, D], targets [K, B*G], masks [K, B*G] with G = num_origins >=
-    every row's count of such origins (the gather is exact; fill entries point at T-1, masked for all k).
+    batch: hidden [B,T,D] (trunk, bf16), tokens, positions, segment_ids [B,T], completion [B,T] bool,
+    and with a draft sub-vocabulary target_logz [B,T] (`full_logz`); vocab_index [V] (`vocab_index`).
+    Returns h_drafts, h_targets [K, B*G, D], targets [K, B*G] (rows of the draft vocabulary when
+    vocab_index is given), masks [K, B*G] and target_logz [K, B*G] (None without a sub-vocabulary), with
+    G = num_origins >= every row's count of such origins (the gather is exact; fill entries point at
+    T-1, masked for all k).
     """
     K = mtp.num_steps
     h0 = batch["hidden"].astype(jnp.float32)  # [B,T,D]
@@ -146,7 +194,11 @@ def draft_inputs(cfg: TransformerConfig, mtp: MTPConfig, mtp_params, embedding, 
     h_targets = jnp.stack([gather(h0, k) for k in range(1, K + 1)])  # [K,B*G,D]: h^trunk_{t+k}
     targets = jnp.stack([gather(tokens, k + 1) for k in range(1, K + 1)])  # [K,B*G]: x_{t+k+1}
     loss_masks = jnp.stack([gather(masks[k - 1], 0) for k in range(1, K + 1)])  # [K,B*G]
-    return h_drafts, h_targets, targets, loss_masks
+    target_logz = None
+    if vocab_index is not None:
+        targets = jnp.take(vocab_index, targets)
+        target_logz = jnp.stack([gather(batch["target_logz"], k) for k in range(1, K + 1)])  # [K,B*G]
+    return h_drafts, h_targets, targets, loss_masks, target_logz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,11 +234,16 @@ class StepSettings:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mtp", "settings"), donate_argnums=0)
 def train_step(state: TrainState, frozen, batch, *, cfg: TransformerConfig, mtp: MTPConfig, settings: StepSettings):
-    """One update of the heads: (state, frozen {embedding, w_vocab}, batch) -> (state, metrics)."""
+    """One update of the heads: (state, frozen, batch) -> (state, metrics).
+
+    frozen: embedding [V,D], w_vocab [V,D] or the draft vocabulary's rows [Vd,D] with vocab_index [V].
+    """
 
     def loss_fn(params):
-        inputs = draft_inputs(cfg, mtp, params, frozen["embedding"], batch, settings.num_origins)
-        return draft_loss(settings.loss, *inputs, frozen["w_vocab"], settings.temperature)
+        h_d, h_t, targets, masks, logz = draft_inputs(cfg, mtp, params, frozen["embedding"], batch,
+                                                      settings.num_origins, frozen.get("vocab_index"))
+        return draft_loss(settings.loss, h_d, h_t, targets, masks, frozen["w_vocab"], settings.temperature,
+                          target_logz=logz)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = settings.optimizer().update(grads, state.opt_state, state.params)
@@ -200,11 +257,12 @@ def train_step(state: TrainState, frozen, batch, *, cfg: TransformerConfig, mtp:
 
 # Settings that define a run: resuming with any of them changed is refused.
 _RUN_IDENTITY = ("loss", "temperature", "batch_size", "seq_len", "pack", "init", "seed", "learning_rate",
-                 "warmup_steps", "weight_decay", "grad_clip")
+                 "warmup_steps", "weight_decay", "grad_clip", "draft_vocab")
 
 
-def _run_meta(cfg: Config, model: LoadedModel, mtp: MTPConfig) -> dict:
+def _run_meta(cfg: Config, model: LoadedModel, mtp: MTPConfig, draft_ids) -> dict:
     return {"mtp": dataclasses.asdict(mtp), "loss": cfg.pretrain.loss, "model": cfg.model.source,
+            "draft_ids": None if draft_ids is None else [int(i) for i in draft_ids],
             "trunk": {"family": model.cfg.family, "hidden_size": model.cfg.hidden_size,
                       "vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers},
             "data": cfg.data.corpus or os.path.join(cfg.data.dir, "train"), "config": to_dict(cfg)}
@@ -213,7 +271,7 @@ def _run_meta(cfg: Config, model: LoadedModel, mtp: MTPConfig) -> dict:
 def _check_resume(saved: dict, meta: dict, run_dir: str) -> None:
     old, new = saved["config"]["pretrain"], meta["config"]["pretrain"]
     changed = [f"pretrain.{k}" for k in _RUN_IDENTITY if old.get(k) != new.get(k)]
-    changed += [k for k in ("mtp", "model", "trunk", "data") if saved.get(k) != meta.get(k)]
+    changed += [k for k in ("mtp", "model", "trunk", "data", "draft_ids") if saved.get(k) != meta.get(k)]
     if changed:
         raise ValueError(f"pretrain.run_dir '{run_dir}' holds a run with other settings ({', '.join(changed)}); "
                          "choose another run_dir or restore the settings")
@@ -223,6 +281,31 @@ def _check_finite(loss: float, step: int) -> None:
     if not math.isfinite(loss):
         raise FloatingPointError(f"pretrain-mtp: the loss is {loss} at step {step}; stopping (the last "
                                  "checkpoint is kept; lower pretrain.learning_rate or check the data)")
+
+
+def _initial_heads(cfg: Config, model: LoadedModel, mtp: MTPConfig, rows: data_lib.Rows):
+    """(MTP params, draft ids [Vd] or None) of a fresh run: `pretrain.init` and `pretrain.draft_vocab`.
+
+    Heads continued from a path keep that path's draft vocabulary; `draft_vocab` must then match it.
+    """
+    pc = cfg.pretrain
+    if pc.init in ("trunk", "random"):
+        ids = None
+        if pc.draft_vocab:
+            eos = model.tokenizer.eos_token_ids if model.tokenizer else ()
+            ids = draft_vocabulary(rows, model.cfg.vocab_size, min(pc.draft_vocab, model.cfg.vocab_size), tuple(eos))
+        return init_heads(model, mtp, pc.init, jax.random.key(pc.seed)), ids
+    try:
+        heads = load_mtp_heads(pc.init)
+    except FileNotFoundError as e:
+        raise ValueError(f"pretrain.init='{pc.init}': expected trunk, random or trained heads ({e})") from None
+    if heads.cfg != mtp:
+        raise ValueError(f"pretrain.init='{pc.init}' holds heads {heads.cfg}, the config asks for {mtp}")
+    size = 0 if heads.draft_ids is None else len(heads.draft_ids)
+    if pc.draft_vocab != size:
+        raise ValueError(f"pretrain.init='{pc.init}' was trained with draft_vocab={size}; set "
+                         f"pretrain.draft_vocab={size} to continue from it")
+    return jax.tree.map(jnp.asarray, heads.params), heads.draft_ids
 
 
 def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) -> dict:
@@ -242,22 +325,31 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
     mtp = MTPConfig(cfg.mtp.num_steps, cfg.mtp.num_layers)
     rows = data_lib.layout_rows(seqs, pc.seq_len, pc.pack)
     num_origins = data_lib.max_loss_origins(rows, mtp.num_steps)
+    params, draft_ids = _initial_heads(cfg, model, mtp, rows)
+    w_vocab = vocab_matrix(model.cfg, model.params)
+    frozen = {"embedding": model.params["embedding"], "w_vocab": w_vocab}
+    if draft_ids is not None:
+        frozen |= {"w_vocab": w_vocab[draft_ids], "vocab_index": vocab_index(draft_ids, model.cfg.vocab_size)}
     t0 = time.perf_counter()
-    hidden = hidden_cache(model, rows, pc.cache_dir, progress=progress) if pc.cache_hidden else None
+    hidden = logz = None
+    if pc.cache_hidden:
+        fingerprint = _fingerprint(model, rows)
+        hidden = hidden_cache(model, rows, pc.cache_dir, progress=progress, fingerprint=fingerprint)
+        if draft_ids is not None:
+            logz = target_logz_cache(hidden, w_vocab, pc.temperature, progress=progress, path=os.path.join(
+                pc.cache_dir, f"logz_{fingerprint}_t{pc.temperature:g}.npy"))
     cache_seconds = time.perf_counter() - t0
-    data_iter = data_lib.row_iterator(data_lib.RowSource(rows, hidden), pc.batch_size, pc.seed)
+    data_iter = data_lib.row_iterator(data_lib.RowSource(rows, hidden, logz), pc.batch_size, pc.seed)
 
     settings = StepSettings.from_config(pc, num_origins)
-    params = init_heads(model, mtp, pc.init, jax.random.key(pc.seed))
     state = TrainState(jnp.int32(0), params, settings.optimizer().init(params))
-    meta = _run_meta(cfg, model, mtp)
+    meta = _run_meta(cfg, model, mtp, draft_ids)
     ckpt = RunCheckpoints(pc.run_dir)
     start = ckpt.latest_step()
     if start is not None:
         _check_resume(ckpt.read_meta(start), meta, pc.run_dir)
         state, _ = ckpt.restore(start, jax.tree.map(np.asarray, state), data_iter)
     start = int(state.step)
-    frozen = {"embedding": model.params["embedding"], "w_vocab": vocab_matrix(model.cfg, model.params)}
     writer = SummaryWriter(os.path.join(pc.run_dir, "tb"))
     history, metrics = [], {}
     bar = tqdm(total=pc.steps, initial=start, desc=f"pretrain-mtp {pc.loss}", disable=not progress)
@@ -268,6 +360,8 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
             if hidden is None:
                 batch["hidden"] = trunk_hidden(model.params, batch["tokens"], batch["positions"],
                                                batch["segment_ids"], cfg=model.cfg)
+                if draft_ids is not None:
+                    batch["target_logz"] = full_logz(batch["hidden"], w_vocab, temperature=pc.temperature)
             state, metrics = train_step(state, frozen, batch, cfg=model.cfg, mtp=mtp, settings=settings)
             loss = float(metrics["loss"])
             _check_finite(loss, step)
@@ -293,6 +387,7 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
     train_seconds = time.perf_counter() - t_loop
     last = jax.device_get(metrics)
     summary = {"loss_kind": pc.loss, "steps": pc.steps, "resumed_from": start, "rows": len(rows),
+               "init": pc.init, "draft_vocab": None if draft_ids is None else len(draft_ids),
                "origins_per_row": num_origins, "cache_hidden": pc.cache_hidden,
                "hidden_cache_seconds": round(cache_seconds, 2), "train_seconds": round(train_seconds, 2),
                "total_seconds": round(time.perf_counter() - t_start, 2),

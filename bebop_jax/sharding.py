@@ -10,6 +10,10 @@ Layers name logical axes only (`embed`, `mlp`, `activation_batch`, ...: see `mod
     step = sharded_jit(train_step, mesh, rules, in_shardings=(state_sh, batch_sh),
                        out_shardings=(state_sh, None), donate_argnums=0)
 
+RL gives its actor and learner disjoint sub-meshes (`rl_meshes`, config `rl.actor_devices`): the
+learner's laid out by `mesh.*`, the actor's a decoding mesh (`actor_mesh_config`); weights move from
+one to the other by `jax.device_put` onto the actor's shardings.
+
 A dimension that its mesh axes do not divide is sharded over the longest prefix of those axes that
 does divide it, replicated if none does (SmolLM2's 3 KV heads on `tensor=2`): parameters and inputs
 through `partition_spec`, activations through `make_rules(..., dims)`, which fits the table to the
@@ -34,6 +38,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bebop_jax.config import MeshConfig
+from bebop_jax.model.mtp import MTPConfig, MTPHeads
 from bebop_jax.model.transformer import Transformer, TransformerConfig
 
 AXES = ("data", "fsdp", "tensor")
@@ -85,6 +90,48 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def split_devices(devices: Sequence[jax.Device], actor_fraction: float) -> tuple[list, list]:
+    """(learner devices, actor devices): the actor takes the last round(actor_fraction * n) of `devices`
+    (halves round up), the learner the rest, in order, so the learner holds device 0, where uncommitted
+    arrays land. With actor_fraction 0 or a single device both get all of `devices` (one shared list).
+    """
+    devices = list(devices)
+    if actor_fraction == 0 or len(devices) == 1:
+        return devices, devices
+    n_actor = int(actor_fraction * len(devices) + 0.5)
+    if not 0 < n_actor < len(devices):
+        raise ValueError(f"rl.actor_devices={actor_fraction} gives the actor {n_actor} of {len(devices)} devices and "
+                         f"the learner {len(devices) - n_actor}; each needs at least one (0 shares all devices)")
+    return devices[:-n_actor], devices[-n_actor:]
+
+
+def actor_mesh_config(mesh_cfg: MeshConfig) -> MeshConfig:
+    """The actor's mesh: the learner's `tensor` size (a policy too big for one device decodes tensor-parallel
+    too), the rest of its devices on `data` (rollout rows), no `fsdp` (decoding with fsdp-sharded
+    parameters would all-gather every layer's weights at every token). `mesh.rules` apply to both meshes."""
+    return dataclasses.replace(mesh_cfg, data=-1, fsdp=1)
+
+
+def rl_meshes(mesh_cfg: MeshConfig, actor_fraction: float,
+              devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, Mesh]:
+    """(learner mesh, actor mesh) over disjoint parts of `devices` (default: all), split by `split_devices`:
+    the learner's by `mesh_cfg`, the actor's by `actor_mesh_config`. Both are one mesh where the devices
+    are shared. Raises, naming rl.actor_devices and the mesh, if a part cannot hold its mesh."""
+    devices = list(jax.devices() if devices is None else devices)
+    learner_devices, actor_devices = split_devices(devices, actor_fraction)
+    if actor_devices is learner_devices:
+        return (mesh := make_mesh(mesh_cfg, devices)), mesh
+    parts = (("learner", learner_devices, mesh_cfg), ("actor", actor_devices, actor_mesh_config(mesh_cfg)))
+    meshes = []
+    for role, part, cfg in parts:
+        try:
+            meshes.append(make_mesh(cfg, part))
+        except ValueError as e:
+            raise ValueError(f"rl.actor_devices={actor_fraction} gives the {role} {len(part)} of {len(devices)} "
+                             f"devices, which its mesh cannot use: {e}") from None
+    return meshes[0], meshes[1]
 
 
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
@@ -180,6 +227,13 @@ def abstract_params(cfg: TransformerConfig) -> dict:
     """The trunk's parameters as ShapeDtypeStructs inside their `nn.LogicallyPartitioned` boxes."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), tokens, tokens))["params"]
+
+
+def abstract_heads(cfg: TransformerConfig, mtp: MTPConfig) -> dict:
+    """The MTP heads' parameters as ShapeDtypeStructs inside their `nn.LogicallyPartitioned` boxes."""
+    x = jnp.zeros((1, 1, cfg.hidden_size), cfg.compute_dtype)  # [B, T, D]
+    pos = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: MTPHeads(cfg, mtp).init(jax.random.key(0), x, x, pos))["params"]
 
 
 def param_shardings(cfg: TransformerConfig, mesh: Mesh, rules: Rules) -> dict:

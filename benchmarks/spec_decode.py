@@ -54,7 +54,7 @@ def main():
     args = ap.parse_args()
 
     model = load_model(args.model)
-    mtp_cfg, mtp_params = load_mtp_heads(args.mtp)
+    mtp_cfg, mtp_params, _ = load_mtp_heads(args.mtp)
     rng = np.random.default_rng(args.seed)
     questions = [make_problem(rng)[0] for _ in range(max(args.batch))]
     prompts = [model.tokenizer.encode_prompt(q, chat=True) for q in questions]

@@ -20,7 +20,7 @@ import numpy as np
 from bebop_jax import sharding
 from bebop_jax.config import MeshConfig
 from bebop_jax.model import LoadedModel
-from bebop_jax.model.mtp import MTPConfig, MTPHeads, vocab_matrix
+from bebop_jax.model.mtp import MTPConfig, vocab_matrix
 from bebop_jax.model.transformer import TransformerConfig, init_params
 from bebop_jax.pretrain_mtp import StepSettings, TrainState, init_heads, train_step, trunk_hidden
 from bebop_jax.rl.learner import LearnerSettings, Trajectories, init_learner, learner_step, policy_logprobs
@@ -46,12 +46,6 @@ def copy(tree):
     return jax.tree.map(jnp.array, tree)
 
 
-def boxed_heads() -> dict:
-    x = jnp.zeros((1, 1, CFG.hidden_size), CFG.compute_dtype)
-    pos = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: MTPHeads(CFG, MTP).init(jax.random.key(0), x, x, pos))["params"]
-
-
 def specs(tree) -> list[str]:
     return sorted({str(x.sharding.spec) for x in jax.tree.leaves(tree)})
 
@@ -71,7 +65,7 @@ def check_mtp_train_step(trunk, heads, mesh, rules, results):
 
     ref_state, ref_metrics = train_step(new_state(copy(heads)), frozen, batch, **static)
 
-    state_sh = sharding.logical_to_sharding(jax.eval_shape(new_state, boxed_heads()), mesh, rules)
+    state_sh = sharding.logical_to_sharding(jax.eval_shape(new_state, sharding.abstract_heads(CFG, MTP)), mesh, rules)
     frozen_sh = {k: sharding.named_sharding(("vocab", "embed"), v.shape, mesh, rules) for k, v in frozen.items()}
     batch_sh = {k: sharding.batch_sharding(np.shape(v), mesh, rules) for k, v in batch.items()}
     step = sharding.sharded_jit(lambda s, f, b: train_step(s, f, b, **static), mesh, rules,
@@ -91,7 +85,7 @@ def check_mtp_train_step(trunk, heads, mesh, rules, results):
 def check_speculative(trunk, heads, mesh, rules, results):
     kw = dict(mtp_cfg=MTP, mode="rejection", num_draft=2, max_new_tokens=10)
     trunk_sh = sharding.shard_params(trunk, CFG, mesh, rules)
-    heads_sh = jax.device_put(heads, sharding.logical_to_sharding(boxed_heads(), mesh, rules))
+    heads_sh = jax.device_put(heads, sharding.logical_to_sharding(sharding.abstract_heads(CFG, MTP), mesh, rules))
     results["speculative"] = {"trunk_specs": specs(trunk_sh)}
     for temperature in (0.0, 1.0):
         key = jax.random.key(3)

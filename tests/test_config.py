@@ -51,3 +51,11 @@ def test_shipped_configs_load():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_rl_actor_devices_is_a_fraction_below_one():
+    assert load_config(None, []).rl.actor_devices == 0.0  # actor and learner share all devices
+    assert load_config(None, ["rl.actor_devices=0.25"]).rl.actor_devices == 0.25
+    for bad in ("1", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match=r"'rl.actor_devices': expected a fraction in \[0, 1\)"):
+            load_config(None, [f"rl.actor_devices={bad}"])

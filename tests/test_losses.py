@@ -143,3 +143,39 @@ def test_loss_masks_prompt_padding_segments_and_row_end():
     # spelled out for k = 1 (target x_{t+2}): origins 1..3 of segment 1, origins 6..7 of segment 2
     np.testing.assert_array_equal(np.flatnonzero(masks[0, 0]), [1, 2, 3, 6, 7])
     np.testing.assert_array_equal(np.flatnonzero(masks[2, 0]), [0, 1])  # k = 3: x_{t+4} in segment 1
+
+
+@pytest.mark.parametrize("kind", losses.LOSSES)
+def test_draft_subvocabulary_losses_match_direct_computation(kind):
+    """Heads drafting from Vd of the V ids: alpha = sum over Vd of min(p, q) with p the FULL distribution
+    (its mass outside Vd is lost), q normalised over Vd; CE counts only targets inside Vd; KL is to p
+    renormalised over Vd."""
+    h_d, h_t, w, targets, masks = _inputs(7)
+    ids = np.sort(np.random.default_rng(8).choice(V, 25, replace=False))
+    index = np.full(V, -1)
+    index[ids] = np.arange(len(ids))
+    sub_targets = index[targets]  # -1 outside the draft vocabulary
+    logz = np.log(np.exp(np.einsum("knd,vd->knv", h_t, w) / TAU).sum(-1))  # [K, N]: p's full normaliser
+    loss, metrics = _draft_loss(kind, *(jnp.asarray(x, jnp.float32) for x in (h_d, h_t)), jnp.asarray(sub_targets),
+                                jnp.asarray(masks), jnp.asarray(w[ids], jnp.float32), TAU, None,
+                                jnp.asarray(logz, jnp.float32))
+    alpha, per = np.zeros((K, N)), np.zeros((K, N))
+    for k in range(K):
+        for n in range(N):
+            p, q = _softmax(w @ h_t[k, n] / TAU)[ids], _softmax(w[ids] @ h_d[k, n] / TAU)
+            alpha[k, n] = np.minimum(p, q).sum()
+            p_renorm = p / p.sum()
+            per[k, n] = {"ce": -np.log(q[max(sub_targets[k, n], 0)]), "kl": np.sum(p_renorm * np.log(p_renorm / q)),
+                         "tv": 1.0 - alpha[k, n]}.get(kind, 0.0)
+    mean = lambda x, m: (x * m).sum(-1) / np.maximum(m.sum(-1), 1)  # noqa: E731
+    chain = mean(np.cumprod(alpha, 0), np.cumprod(masks, 0))
+    counted = masks & (sub_targets >= 0) if kind == "ce" else masks
+    want = -chain.mean() if kind == "e2e_tv" else mean(per, counted).mean()
+    np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(metrics["alpha"]), mean(alpha, masks), rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["expected_length"]), 1.0 + chain.sum(), rtol=2e-5)
+    assert (sub_targets[masks] < 0).any() and (sub_targets[masks] >= 0).any()  # both kinds of target occur
+    full_alpha = np.asarray(_draft_loss("tv", *(jnp.asarray(x, jnp.float32) for x in (h_d, h_t)),
+                                        jnp.asarray(targets), jnp.asarray(masks), jnp.asarray(w, jnp.float32),
+                                        TAU)[1]["alpha"])
+    assert not np.allclose(full_alpha, mean(alpha, masks), rtol=1e-2)  # the sub-vocabulary changes alpha

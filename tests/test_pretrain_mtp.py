@@ -179,6 +179,52 @@ def test_hidden_cache_off_gives_the_same_run(tiny, full_run):
     assert len(os.listdir(base / "cache")) == 1  # one cache file, made by the cached run
 
 
+def test_draft_subvocabulary_run_learns_saves_its_ids_and_continues(tiny):
+    """Heads trained on the 24 most frequent completion ids: the ids travel with the heads, eval-acceptance
+    scores q on them against the full p exactly as training does, and a continued run keeps them."""
+    model, base, _ = tiny
+    sub = ("pretrain.draft_vocab=24", f"pretrain.cache_dir={base / 'cache_sub'}", "pretrain.steps=20")
+    summary = pretrain_mtp.train(_cfg(base, "sub", *sub), model, progress=False)
+    assert summary["draft_vocab"] == 24
+    mtp, heads, ids = load_mtp_heads(str(base / "sub"))
+    rows = data_lib.layout_rows(data_lib.read_shards(str(base / "data/train")), 32, False)
+    counts = np.bincount(rows.tokens[rows.completion], minlength=64)
+    assert len(ids) == 24 and counts[ids].min() >= np.delete(counts, ids).max()  # the most frequent ids
+    assert sorted(os.listdir(base / "cache_sub"))[1].startswith("logz_")  # hidden_*.npy, logz_*.npy
+
+    heldout = data_lib.read_shards(str(base / "data/heldout"))
+    init = pretrain_mtp.init_heads(model, mtp, "random", jax.random.key(0))
+    before = eval_acceptance.evaluate(model, mtp, init, heldout, (1.0, 0.5), 4, 4, ids)["results"][0]
+    report = eval_acceptance.evaluate(model, mtp, heads, heldout, (1.0, 0.5), 4, 4, ids)
+    assert report["draft_vocab"] == 24
+    assert report["results"][0]["alpha"][0] > before["alpha"][0] + 0.05, (before["alpha"], report["results"][0])
+    # the report's alpha is the training metric's alpha (f32 trunk states, full-vocabulary normaliser)
+    rows = data_lib.layout_rows(heldout, 64, pack=False)
+    batch = {n: getattr(rows, n) for n in ("tokens", "positions", "segment_ids", "completion")}
+    index, num_origins = pretrain_mtp.vocab_index(ids, 64), data_lib.max_loss_origins(rows, 3)
+
+    @jax.jit
+    def training_metrics(trunk, heads, batch):
+        batch["hidden"], _ = pretrain_mtp.Transformer(TINY).apply({"params": trunk}, batch["tokens"],
+                                                                  batch["positions"], None, batch["segment_ids"])
+        w = vocab_matrix(TINY, trunk)
+        batch["target_logz"] = pretrain_mtp.full_logz(batch["hidden"], w, temperature=1.0)
+        inputs = pretrain_mtp.draft_inputs(TINY, mtp, heads, trunk["embedding"], batch, num_origins, index)
+        return draft_loss("tv", *inputs[:4], w[ids], 1.0, target_logz=inputs[4])[1]
+
+    metrics = training_metrics(model.params, heads, batch)
+    np.testing.assert_allclose(report["results"][0]["alpha"], np.asarray(metrics["alpha"]), rtol=1e-4)
+
+    # continue from the trained heads with another loss: same ids; a different draft_vocab is refused
+    pretrain_mtp.train(_cfg(base, "sub_ce", *sub, f"pretrain.init={base / 'sub'}", "pretrain.loss=ce",
+                            "pretrain.steps=2"), model, progress=False)
+    np.testing.assert_array_equal(load_mtp_heads(str(base / "sub_ce")).draft_ids, ids)
+    with pytest.raises(ValueError, match="pretrain.draft_vocab=24"):
+        pretrain_mtp.train(_cfg(base, "sub_full", f"pretrain.init={base / 'sub'}"), model, progress=False)
+    with pytest.raises(ValueError, match="expected trunk, random or trained heads"):
+        pretrain_mtp.train(_cfg(base, "nowhere", f"pretrain.init={base / 'missing'}"), model, progress=False)
+
+
 def test_nan_loss_stops_naming_the_step(tiny, monkeypatch):
     """A NaN in the cached hidden states of one row: the run stops at the first step whose batch holds it."""
     model, base, _ = tiny
@@ -219,7 +265,7 @@ def test_eval_acceptance_report(tiny, full_run):
     # the report's alpha is the training metric's alpha (same origins, f32 trunk hidden states)
     seqs = data_lib.read_shards(str(base / "data/heldout"))
     rows = data_lib.layout_rows(seqs, 64, pack=False)
-    mtp, heads = load_mtp_heads(str(base / "full"))
+    mtp, heads, _ = load_mtp_heads(str(base / "full"))
     batch = {n: getattr(rows, n) for n in ("tokens", "positions", "segment_ids", "completion")}
     num_origins = data_lib.max_loss_origins(rows, 3)
 
@@ -227,8 +273,9 @@ def test_eval_acceptance_report(tiny, full_run):
     def training_metrics(trunk, heads, batch):
         batch["hidden"], _ = pretrain_mtp.Transformer(TINY).apply({"params": trunk}, batch["tokens"],
                                                                   batch["positions"], None, batch["segment_ids"])
-        inputs = pretrain_mtp.draft_inputs(TINY, mtp, heads, trunk["embedding"], batch, num_origins)
-        return draft_loss("tv", *inputs, vocab_matrix(TINY, trunk), 1.0)[1]
+        h_d, h_t, targets, masks, _ = pretrain_mtp.draft_inputs(TINY, mtp, heads, trunk["embedding"], batch,
+                                                                num_origins)
+        return draft_loss("tv", h_d, h_t, targets, masks, vocab_matrix(TINY, trunk), 1.0)[1]
 
     metrics = training_metrics(model.params, heads, batch)
     np.testing.assert_allclose(report["results"][0]["alpha"], np.asarray(metrics["alpha"]), rtol=1e-4)
@@ -246,10 +293,12 @@ def test_checkpoint_keys_and_export_roundtrip(tiny, full_run, tmp_path):
     np.testing.assert_array_equal(jax.random.key_data(restored["key"]), jax.random.key_data(state["key"]))
     np.testing.assert_array_equal(jax.random.uniform(restored["key"][1]), jax.random.uniform(state["key"][1]))
 
-    mtp, heads = load_mtp_heads(str(base / "full"))
-    export_hf_with_mtp(model, mtp, heads, str(tmp_path / "hf"))
-    mtp2, heads2 = load_mtp_heads(str(tmp_path / "hf"))
+    mtp, heads, ids = load_mtp_heads(str(base / "full"))
+    assert ids is None  # trained on the full vocabulary
+    export_hf_with_mtp(model, mtp, heads, str(tmp_path / "hf"), draft_ids=np.array([0, 3, 5]))
+    mtp2, heads2, ids2 = load_mtp_heads(str(tmp_path / "hf"))
     assert mtp2 == mtp == MTPConfig(3, 1)
+    np.testing.assert_array_equal(ids2, [0, 3, 5])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), heads, heads2)
     trunk = load_model(str(tmp_path / "hf"))  # the trunk loader passes over the mtp.* tensors
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), trunk.params, model.params)

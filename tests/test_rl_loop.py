@@ -107,7 +107,7 @@ def _wait_for_lines(run, count, proc, timeout=240):
             return
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.5)
-    raise TimeoutError(f"step {step} not reached")
+    raise TimeoutError(f"{count} learner steps not logged within {timeout}s")
 
 
 def test_kill_9_then_restart_loses_at_most_one_interval_and_sigterm_saves(tiny_dir, tmp_path):
@@ -139,3 +139,34 @@ def test_actor_cuts_tool_calls_at_the_stop_text(tiny_dir):
     ids = np.array(tok.encode("a<x>b<y>c"))
     assert _cut_at_stop(tok, ids, "<y>") == len(tok.encode("a<x>b<y>"))
     assert _cut_at_stop(tok, ids, "zz") == len(ids) and _cut_at_stop(tok, ids, None) == len(ids)
+
+
+@pytest.mark.parametrize("strategy", ["online-ce", "online-tv"])
+def test_online_mtp_update_trains_the_heads_on_the_completions(tiny_dir, strategy):
+    """The online strategies' step sees the batch's completion positions (and only those) and moves the heads."""
+    import jax
+    import jax.numpy as jnp
+
+    from bebop_jax.model import load_model
+    from bebop_jax.model.mtp import MTPConfig, init_mtp_params
+    from bebop_jax.rl.learner import Trajectories
+    from bebop_jax.rl.loop import _MTPUpdater
+
+    model = load_model(tiny_dir)
+    mtp = MTPConfig(2, 1)
+    heads = init_mtp_params(model.cfg, mtp, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, model.cfg.vocab_size, (4, 16)).astype(np.int32)
+    loss_mask = np.zeros((4, 16), bool)
+    loss_mask[:, 6:14] = True  # completion tokens 6..13; 14, 15 padding
+    traj = Trajectories(tokens=tokens, loss_mask=loss_mask, behaviour_logprobs=np.zeros((4, 16), np.float32),
+                        rewards=np.zeros(4, np.float32), group_ids=np.zeros(4, np.int32),
+                        policy_version=np.zeros(4, np.int32))
+    updater = _MTPUpdater(model, mtp, jax.tree.map(jnp.copy, heads), strategy, learning_rate=1e-2, length=16)
+    first = updater.update(model.params, traj)
+    for _ in range(5):
+        last = updater.update(model.params, traj)
+    assert 0.0 < first["mtp_alpha_1"] < 1.0  # a real mean over counted positions (none counted gives 0)
+    assert last["mtp_loss"] < first["mtp_loss"] - 1e-3, (first, last)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), updater.state.params, heads)
+    assert max(jax.tree.leaves(moved)) > 1e-3

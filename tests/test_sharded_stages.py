@@ -11,27 +11,15 @@ sampled token sits within rounding of a decision boundary on these seeds; behavi
 to 1e-5.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.fake_devices import run_checks
 
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     """Results of tests/sharded_stage_checks.py, run on 8 fake CPU devices."""
-    out = tmp_path_factory.mktemp("stages") / "results.json"
-    # LLVM at -O0 halves the compile time, which dominates; both sides of every comparison share it
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "tests.sharded_stage_checks", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_checks("tests.sharded_stage_checks", tmp_path_factory.mktemp("stages") / "results.json")
 
 
 def test_sharded_mtp_train_step_matches_one_device(stages):

@@ -1,10 +1,18 @@
 """`bebop rl`: the actor/learner loop, async (default) or sync, with whole-state checkpoints.
 
+Devices: the learner and the actor each have a mesh (`sharding.rl_meshes`): disjoint sub-meshes when
+`rl.actor_devices` is a fraction in (0, 1) of several devices (the learner's laid out by `mesh.*`, the
+actor's data x tensor), one shared mesh otherwise. The learner state (policy, optimizer) lives on the
+learner mesh, placed by its logical axes, and is updated by a `sharded_jit` step; the actor samples on
+its own mesh with weights that `publish` copied there (`jax.device_put` onto the actor's shardings: a
+reshard across the two device sets, a plain copy where they are shared), tagged with the policy version.
+One process only for now: the actor reads its rollouts back to the host (`speculative_generate`), which
+needs every rollout row addressable by this process.
+
 Async: one actor thread rolls out batch i with the newest published weights once the published
 version is >= i - max_staleness, and puts it on a bounded queue; the learner (main thread) takes
 batches, drops those whose version lags its own by more than `max_staleness` (counted), updates, and
-publishes a copy of its weights every `publish_every` steps (on one device a copy; on a pod the
-copy is a reshard onto the actor's devices). Sync: rollout, then update, in turn.
+publishes its weights every `publish_every` steps. Sync: publish, rollout, update, in turn.
 Batch i's tasks and keys derive from (seed, i) only, so sync and async with staleness 0 make the
 same first update, and a resumed run continues with the same data.
 
@@ -18,24 +26,30 @@ TV (`online-ce`, `online-tv`) for the comparison.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import queue
 import threading
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bebop_jax import sharding
 from bebop_jax.checkpoint import RunCheckpoints, load_mtp_heads
 from bebop_jax.config import Config, to_dict
 from bebop_jax.distributed import PreemptionGuard
 from bebop_jax.model import LoadedModel, load_model
 from bebop_jax.model.mtp import vocab_matrix
+from bebop_jax.model.transformer import TransformerConfig
 from bebop_jax.rl.actor import Actor
 from bebop_jax.rl.environments import make_environment
-from bebop_jax.rl.learner import LearnerSettings, LearnerState, init_learner, learner_step, policy_logprobs
+from bebop_jax.rl.learner import (LearnerSettings, LearnerState, Trajectories, init_learner, learner_step,
+                                  policy_logprobs)
 
 
 class _Published:
@@ -60,24 +74,30 @@ class _Published:
 class _MTPUpdater:
     """Online MTP strategies: one CE or TV step of the heads per RL batch, on the batch's own tokens."""
 
-    def __init__(self, model: LoadedModel, mtp_cfg, mtp_params, strategy: str, learning_rate: float, length: int):
+    def __init__(self, model: LoadedModel, mtp_cfg, mtp_params, strategy: str, learning_rate: float, length: int,
+                 draft_ids=None):
         from bebop_jax.pretrain_mtp import StepSettings, TrainState
 
-        self.model, self.mtp_cfg = model, mtp_cfg
+        self.model, self.mtp_cfg, self.draft_ids = model, mtp_cfg, draft_ids
         self.settings = StepSettings(loss="ce" if strategy == "online-ce" else "tv", temperature=1.0,
                                      num_origins=length, learning_rate=learning_rate, warmup_steps=0, steps=10**9,
                                      weight_decay=0.0, grad_clip=1.0)
         self.state = TrainState(jnp.int32(0), mtp_params, self.settings.optimizer().init(mtp_params))
 
     def update(self, params, traj) -> dict:
-        from bebop_jax.pretrain_mtp import train_step, trunk_hidden
+        from bebop_jax.pretrain_mtp import full_logz, train_step, trunk_hidden, vocab_index
 
         tokens = jnp.asarray(traj.tokens)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        segments = jnp.zeros_like(tokens)
+        segments = jnp.ones_like(tokens)  # one sequence per row (0 would mark every position as padding)
         batch = dict(hidden=trunk_hidden(params, tokens, positions, segments, cfg=self.model.cfg), tokens=tokens,
                      positions=positions, segment_ids=segments, completion=jnp.asarray(traj.loss_mask))
-        frozen = dict(embedding=params["embedding"], w_vocab=vocab_matrix(self.model.cfg, params))
+        w_vocab = vocab_matrix(self.model.cfg, params)
+        frozen = dict(embedding=params["embedding"], w_vocab=w_vocab)
+        if self.draft_ids is not None:  # the heads' sub-vocabulary, p exact (pretrain_mtp docstring)
+            batch["target_logz"] = full_logz(batch["hidden"], w_vocab, temperature=self.settings.temperature)
+            frozen |= dict(w_vocab=w_vocab[self.draft_ids],
+                           vocab_index=vocab_index(self.draft_ids, self.model.cfg.vocab_size))
         self.state, metrics = train_step(self.state, frozen, batch, cfg=self.model.cfg, mtp=self.mtp_cfg,
                                          settings=self.settings)
         return {"mtp_loss": float(metrics["loss"]), "mtp_alpha_1": float(metrics["alpha"][0])}
@@ -93,39 +113,94 @@ def _tasks(env, cfg: Config, index: int):
     return env.sample_tasks(np.random.default_rng([cfg.rl.seed, index]), cfg.rl.prompts_per_step)
 
 
+def learner_shardings(model_cfg: TransformerConfig, settings: LearnerSettings, mesh: Mesh, rules: sharding.Rules) -> LearnerState:
+    """NamedShardings of the learner state on `mesh`: parameters and their AdamW moments by logical axes."""
+    abstract = jax.eval_shape(functools.partial(init_learner, settings=settings), sharding.abstract_params(model_cfg))
+    return sharding.logical_to_sharding(abstract, mesh, rules)
+
+
+def place_learner(params, settings: LearnerSettings, shardings: LearnerState) -> LearnerState:
+    """The initial learner state laid out by `shardings`, on buffers of its own (the learner step donates
+    it); `params` are already laid out by `shardings.params` and stay valid."""
+    init = lambda p: init_learner(jax.tree.map(jnp.copy, p), settings)  # noqa: E731
+    return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
+def publish(tree, shardings):
+    """A copy of `tree` (the policy's or the heads' parameters) laid out by `shardings` (the actor's): a
+    reshard across the device sets, or a copy where actor and learner share devices (and so shardings);
+    never an alias, as the learner step donates its parameters while the actor may still sample with
+    the published ones. (jax's device_put may alias when it replicates a one-device array over several
+    devices: place the learner's parameters with `place_learner`, not with this.)"""
+    return jax.device_put(tree, shardings, may_alias=False)
+
+
+def traj_shardings(rows: int, length: int, mesh: Mesh, rules: sharding.Rules) -> Trajectories:
+    """Shardings of a Trajectories batch of [rows, length] tokens: rows over the batch axes."""
+    tokens = sharding.batch_sharding((rows, length), mesh, rules)
+    per_row = sharding.batch_sharding((rows,), mesh, rules)
+    return Trajectories(tokens=tokens, loss_mask=tokens, behaviour_logprobs=tokens, rewards=per_row,
+                        group_ids=per_row, policy_version=per_row)
+
+
 def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: bool = True,
-             stop_at_step: int | None = None) -> dict:
+             stop_at_step: int | None = None, devices: Sequence[jax.Device] | None = None) -> dict:
     """Runs (or resumes) an RL run in `cfg.rl.run_dir`; returns the summary (also written as summary.json).
 
     env: any object of the `Environment` protocol (default: `make_environment(cfg.rl.environment)`).
     stop_at_step: end (with a checkpoint) after this learner step, as an interruption would.
+    devices: the devices to run on (default: all), split between learner and actor by `rl.actor_devices`.
     """
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
     rl, spec = cfg.rl, cfg.speculative
+    learner_mesh, actor_mesh = sharding.rl_meshes(cfg.mesh, rl.actor_devices, devices)  # before any model work
     model = model or load_model(cfg.model.source, cfg.model.dtype)
+    dims = sharding.trunk_dims(model.cfg)
+    learner_rules = sharding.make_rules(learner_mesh, cfg.mesh.rules, dims)
+    actor_rules = sharding.make_rules(actor_mesh, cfg.mesh.rules, dims)
     if env is None:
         env = make_environment(rl.environment, **({"source": rl.env_source} if rl.env_source else {}))
-    mtp_cfg = mtp_params = None
+    mtp_cfg = mtp_params = draft_ids = None
     if spec.mode != "none":
         if spec.mtp_checkpoint is None:
             raise ValueError(f"speculative.mode={spec.mode} needs speculative.mtp_checkpoint (trained MTP heads)")
-        mtp_cfg, mtp_params = load_mtp_heads(spec.mtp_checkpoint)
+        mtp_cfg, mtp_params, draft_ids = load_mtp_heads(spec.mtp_checkpoint)
         mtp_cfg = dataclasses.replace(mtp_cfg, num_steps=max(mtp_cfg.num_steps, spec.num_draft))
-        mtp_params = jax.tree.map(jnp.asarray, mtp_params)
+    if rl.mtp_strategy != "frozen" and mtp_params is None:
+        raise ValueError(f"rl.mtp_strategy={rl.mtp_strategy} needs MTP heads (speculative.mtp_checkpoint)")
+    heads_sh = lambda mesh, rules: sharding.logical_to_sharding(  # noqa: E731
+        sharding.abstract_heads(model.cfg, mtp_cfg), mesh, rules)
+    actor_params_sh = sharding.param_shardings(model.cfg, actor_mesh, actor_rules)
+    actor_heads_sh = None if mtp_params is None else heads_sh(actor_mesh, actor_rules)
+    actor_heads = None if mtp_params is None else publish(mtp_params, actor_heads_sh)
     actor = Actor(model, env, group_size=rl.group_size, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                  mode=spec.mode, num_draft=spec.num_draft, mtp_cfg=mtp_cfg, mtp_params=mtp_params,
-                  max_prompt_tokens=rl.max_prompt_tokens,
+                  mode=spec.mode, num_draft=spec.num_draft, mtp_cfg=mtp_cfg, mtp_params=actor_heads,
+                  draft_ids=draft_ids, max_prompt_tokens=rl.max_prompt_tokens,
                   max_seq_len=min(cfg.model.max_seq_len, model.cfg.max_position_embeddings))
+    num_groups = rl.prompts_per_step + 1
+
+    # The learner: its state on the learner mesh by logical axes; its two jitted functions bound to that mesh.
     settings = _settings(cfg)
-    ref_params = jax.tree.map(jnp.copy, model.params) if rl.kl_coef > 0 else None
-    state = init_learner(jax.tree.map(jnp.copy, model.params), settings)
+    state_sh = learner_shardings(model.cfg, settings, learner_mesh, learner_rules)
+    traj_sh = traj_shardings(actor.rows_for(rl.prompts_per_step), actor.length, learner_mesh, learner_rules)
+    rows_sh = traj_sh.behaviour_logprobs  # of the [R, L] per-token arrays
+    params = jax.device_put(model.params, state_sh.params)  # may share model.params' buffers
+    ref_params = params if rl.kl_coef > 0 else None
+    state = place_learner(params, settings, state_sh)
+    logprobs = sharding.sharded_jit(
+        lambda params, tokens: policy_logprobs(params, tokens, cfg=model.cfg, temperature=rl.temperature)[0],
+        learner_mesh, learner_rules, in_shardings=(state_sh.params, traj_sh.tokens), out_shardings=rows_sh)
+    update = sharding.sharded_jit(
+        lambda s, traj, prox, ref: learner_step(s, traj, prox, ref, cfg=model.cfg, settings=settings,
+                                                num_groups=num_groups),
+        learner_mesh, learner_rules, in_shardings=(state_sh, traj_sh, rows_sh, rows_sh),
+        out_shardings=(state_sh, None), donate_argnums=0)
     updater = None
     if rl.mtp_strategy != "frozen":
-        if mtp_params is None:
-            raise ValueError(f"rl.mtp_strategy={rl.mtp_strategy} needs MTP heads (speculative.mtp_checkpoint)")
-        updater = _MTPUpdater(model, mtp_cfg, mtp_params, rl.mtp_strategy, rl.mtp_learning_rate, actor.length)
+        updater = _MTPUpdater(model, mtp_cfg, jax.device_put(mtp_params, heads_sh(learner_mesh, learner_rules)),
+                              rl.mtp_strategy, rl.mtp_learning_rate, actor.length, draft_ids)
 
     os.makedirs(rl.run_dir, exist_ok=True)
     ckpt = RunCheckpoints(rl.run_dir)
@@ -142,7 +217,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                                                   opt_state=restored["mtp"]["opt_state"])
         next_batch, dropped, start = meta["next_batch"], meta["dropped"], int(state.step)
     if updater is not None:
-        actor.mtp_params = updater.state.params
+        actor_heads = publish(updater.state.params, actor_heads_sh)
 
     def save(step: int) -> None:
         """A durable checkpoint: RL steps are long, so waiting for the write costs little and bounds loss."""
@@ -152,16 +227,18 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     writer = SummaryWriter(os.path.join(rl.run_dir, "tb"))
     history_file = open(os.path.join(rl.run_dir, "metrics.jsonl"), "a")
     bar = tqdm(total=rl.steps, initial=start, desc=f"rl {rl.loop} {spec.mode}", disable=not progress)
-    num_groups = rl.prompts_per_step + 1
     last_step = rl.steps if stop_at_step is None else min(rl.steps, stop_at_step)
     stop = threading.Event()
     batches: queue.Queue = queue.Queue(maxsize=rl.queue_size)
-    published = _Published(jax.tree.map(jnp.copy, state.params), actor.mtp_params, start)
     errors: list[BaseException] = []
+    on_actor = NamedSharding(actor_mesh, PartitionSpec())
 
     def produce(index: int, params, heads, version: int):
-        actor.mtp_params = heads
-        traj, metrics = actor.rollout(params, version, jax.random.fold_in(key, index), _tasks(env, cfg, index))
+        """Batch `index` rolled out on the actor mesh with published `params` and `heads` of policy `version`."""
+        rollout_key = jax.device_put(jax.random.fold_in(key, index), on_actor)
+        with sharding.use_mesh(actor_mesh, actor_rules):
+            actor.mtp_params = heads
+            traj, metrics = actor.rollout(params, version, rollout_key, _tasks(env, cfg, index))
         return index, traj, metrics
 
     def actor_thread(first: int):
@@ -185,6 +262,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
 
     thread = None
     if rl.loop == "async" and start < last_step:
+        published = _Published(publish(state.params, actor_params_sh), actor_heads, start)
         thread = threading.Thread(target=actor_thread, args=(next_batch,), daemon=True, name="actor")
         thread.start()
     t_start = time.perf_counter()
@@ -193,7 +271,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
         with PreemptionGuard() as guard:
             while step < last_step:
                 if rl.loop == "sync":
-                    index, traj, am = produce(next_batch, state.params, actor.mtp_params, step)
+                    index, traj, am = produce(next_batch, publish(state.params, actor_params_sh), actor_heads, step)
                 else:
                     while True:
                         if errors:
@@ -209,25 +287,24 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                     dropped += 1
                     continue
                 t0 = time.perf_counter()
-                logp_prox, _ = policy_logprobs(state.params, traj.tokens, cfg=model.cfg, temperature=rl.temperature)
-                logp_ref = None
-                if ref_params is not None:
-                    logp_ref, _ = policy_logprobs(ref_params, traj.tokens, cfg=model.cfg, temperature=rl.temperature)
-                extra = updater.update(state.params, traj) if updater is not None else {}
-                state, lm = learner_step(state, traj, logp_prox, logp_ref, cfg=model.cfg, settings=settings,
-                                         num_groups=num_groups)
+                logp_prox = logprobs(state.params, traj.tokens)
+                logp_ref = None if ref_params is None else logprobs(ref_params, traj.tokens)
+                extra = {}
+                if updater is not None:
+                    with sharding.use_mesh(learner_mesh, learner_rules):
+                        extra = updater.update(state.params, traj)
+                state, lm = update(state, traj, logp_prox, logp_ref)
                 lm = {k: float(v) for k, v in jax.device_get(lm).items()}
                 if not np.isfinite(lm["loss"]):
                     raise FloatingPointError(f"RL loss is {lm['loss']} at learner step {step + 1}")
                 step += 1
                 metrics = {**am, **lm, **extra, "learner_step_s": time.perf_counter() - t0, "staleness": staleness,
                            "dropped_trajectories": dropped, "wall_s": time.perf_counter() - t_start}
-                if step % rl.publish_every == 0:
-                    heads = updater.state.params if updater is not None else actor.mtp_params
+                if rl.loop == "sync" or step % rl.publish_every == 0:
+                    if updater is not None:
+                        actor_heads = publish(updater.state.params, actor_heads_sh)
                     if rl.loop == "async":
-                        published.publish(jax.tree.map(jnp.copy, state.params), heads, step)
-                    else:
-                        actor.mtp_params = heads
+                        published.publish(publish(state.params, actor_params_sh), actor_heads, step)
                 for name, value in metrics.items():
                     writer.add_scalar(f"rl/{name}", value, step)
                 history_file.write(json.dumps({"step": step, **metrics}) + "\n")
