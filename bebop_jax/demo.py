@@ -1,7 +1,8 @@
 """`bebop demo` (`make demo`): the whole Bebop pipeline on SmolLM2-135M-Instruct, sized for a 2-core CPU.
 
 1. self-distillation: the policy's own answers to built-in math problems (token shards);
-2. MTP heads (K=3) trained on the frozen trunk with e2e-TV, and with CE as the baseline, same budget;
+2. MTP heads (K=3, drafting from a frequent sub-vocabulary) trained on the frozen trunk as the paper
+   does: a CE warm start, then e2e-TV; the baseline continues with CE instead, same budget;
 3. `eval-acceptance` of both on held-out samples: alpha_k, expected accepted length, entropy slope;
 4. verification rules (rejection / greedy-draft / block) across temperatures, by the engine;
 5. plain vs speculative decoding speed, measured side by side;
@@ -96,11 +97,14 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo") -> str:
     from bebop_jax.rl.loop import train_rl
 
     t_start = time.perf_counter()
-    times = {}
+    times: dict[str, float] = {}  # stage -> seconds
 
     def stage(name):
-        print(f"\n=== {name} ({time.perf_counter() - t_start:.0f}s elapsed) ===", flush=True)
-        times[name] = time.perf_counter()
+        now = time.perf_counter()
+        if times:
+            times[next(reversed(times))] = round(now - t_start - sum(times.values()), 1)
+        print(f"\n=== {name} ({now - t_start:.0f}s elapsed) ===", flush=True)
+        times[name] = 0.0
 
     stage("load SmolLM2-135M-Instruct")
     model = load_model(cfg.model.source, cfg.model.dtype)
@@ -109,11 +113,14 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo") -> str:
         stage("self-distillation: the policy's answers to math problems")
         self_distill(cfg, model)
     heads = {}
+    pc = dataclasses.replace(cfg.pretrain, cache_dir=os.path.join(out_dir, "hidden_cache"))
+    warm = os.path.join(out_dir, "mtp", "ce_warm")
+    stage("pretrain MTP heads: CE warm start")
+    pretrain_mtp.train(dataclasses.replace(cfg, pretrain=dataclasses.replace(pc, loss="ce", run_dir=warm)), model)
     for loss in ("e2e_tv", "ce"):
-        stage(f"pretrain MTP heads with {loss}")
+        stage(f"pretrain MTP heads: continue with {loss}")
         run = os.path.join(out_dir, "mtp", loss)
-        c = dataclasses.replace(cfg, pretrain=dataclasses.replace(
-            cfg.pretrain, loss=loss, run_dir=run, cache_dir=os.path.join(out_dir, "hidden_cache")))
+        c = dataclasses.replace(cfg, pretrain=dataclasses.replace(pc, loss=loss, run_dir=run, init=warm))
         pretrain_mtp.train(c, model)
         stage(f"eval-acceptance of the {loss} heads")
         eval_acceptance.run(c, run, model=model)
@@ -149,6 +156,11 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo") -> str:
     for name, summary in rl.items():
         print(f"RL {name:<16} {summary['steps']} steps, {summary['wall_s'] / max(summary['steps'], 1):.1f} s/step, "
               f"acceptance {summary['acceptance'] if summary['acceptance'] is not None else float('nan'):.3f}")
+    stage("done")
+    times.pop("done")
+    with open(os.path.join(out_dir, "stage_seconds.json"), "w") as f:
+        json.dump(times, f, indent=2)
+    print("stages: " + ", ".join(f"{name} {sec:.0f}s" for name, sec in times.items()))
     print(f"total {time.perf_counter() - t_start:.0f}s; report: {report}")
     return report
 

@@ -202,7 +202,7 @@ def build_prefill(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step
 
 def build_decode(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step:
     args, _, static, state = _rollout_inputs(cfg, model, shapes)
-    return Step(functools.partial(decode, mode="rejection", **static), (args[0], args[1], state, args[-1]), state, (2,),
+    return Step(functools.partial(decode, **static), (args[0], args[1], state, args[-1]), state, (2,),
                 {"params": args[:2], "kv_cache": (state.trunk_cache, state.mtp_cache)})
 
 

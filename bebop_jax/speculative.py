@@ -11,7 +11,8 @@ and whose step-1 draft state h^1_{n-1} is known:
      also yields the next h^1 for drafting.
 Mode `none` is plain decoding through the same loop (no drafts, one token per step), so plain and
 speculative runs are compared like for like. All of it is one jitted prefill and one jitted
-`lax.while_loop`; each sequence keeps its own position, and slots written by rejected drafts are
+`lax.while_loop`, compiled once per (shapes, K): the temperature and the verification rule are traced
+values (the rule picks a branch of a `lax.switch`), so sweeping them recompiles nothing; each sequence keeps its own position, and slots written by rejected drafts are
 overwritten later. Per emitted token the policy log-prob and entropy (at the sampling temperature)
 are recorded; per step the accepted count.
 
@@ -36,6 +37,7 @@ from bebop_jax.model.transformer import Transformer, TransformerConfig, init_cac
 from kernels_pallas.rejection_sampling import rejection_sample
 
 MODES = ("none", "rejection", "greedy_draft", "block")
+RULES = MODES[1:]  # the verification rules; `decode` takes the index of one as a traced value
 
 
 @flax.struct.dataclass
@@ -124,9 +126,11 @@ def prefill(params, mtp_params, tokens, lengths, key, temperature, *, cfg, mtp_c
         accepted_at=jnp.zeros((max(num_draft, 1),), jnp.int32), emitted_per_step=jnp.zeros((N, B), jnp.int32))
 
 
-def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, embed, num_draft, mode, temperature,
-           top_p, draft_ids, vocab_size):
+def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, embed, num_draft, greedy_draft,
+           temperature, top_p, draft_ids, vocab_size):
     """Drafts K tokens from h^1_{n-1}: (draft_tokens [B,K], draft_probs [B,K,V], mtp_cache).
+
+    greedy_draft: a traced bool, argmax drafts (as at temperature 0) instead of samples from q.
 
     With `draft_ids` [Vd] the heads score only that sub-vocabulary (q = 0 elsewhere: rejection
     sampling stays exact, only acceptance can drop) and the LM-head cost per draft falls by V / Vd.
@@ -142,10 +146,9 @@ def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, emb
             h = out[:, 0]
         q = sampling.probs_from_logits(draft_logits(h), temperature, top_p)  # [B, Vd]
         key, sub = jax.random.split(key)
-        if mode == "greedy_draft" or sampling.is_greedy(temperature):
-            d = jnp.argmax(q, axis=-1).astype(jnp.int32)
-        else:
-            d = jax.random.categorical(sub, jnp.log(q), axis=-1).astype(jnp.int32)
+        d = jnp.argmax(q, axis=-1).astype(jnp.int32)
+        if not sampling.is_greedy(temperature):
+            d = jnp.where(greedy_draft, d, jax.random.categorical(sub, jnp.log(q), axis=-1).astype(jnp.int32))
         if draft_ids is not None:
             d = draft_ids[d]
             q = jnp.zeros((q.shape[0], vocab_size), q.dtype).at[:, draft_ids].set(q)
@@ -154,14 +157,14 @@ def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, emb
     return jnp.stack(toks, axis=1), jnp.stack(probs, axis=1), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mtp_cfg", "num_draft", "mode", "greedy", "top_p",
-                                             "eos_ids", "sampler"), donate_argnums=(2,))
-def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, *, cfg, mtp_cfg, num_draft, mode,
+@functools.partial(jax.jit, static_argnames=("cfg", "mtp_cfg", "num_draft", "greedy", "top_p", "eos_ids",
+                                             "sampler"), donate_argnums=(2,))
+def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, rule=0, *, cfg, mtp_cfg, num_draft,
            greedy, top_p, eos_ids, sampler=None) -> SpecState:
-    """Verify steps until every sequence is done.
+    """Verify steps until every sequence is done (num_draft = 0: plain decoding).
 
-    temperature as in `prefill`; draft_ids [Vd] (optional): the draft sub-vocabulary;
-    `sampler`: the rejection_sample implementation.
+    temperature as in `prefill`; draft_ids [Vd] (optional): the draft sub-vocabulary; rule: int32 [],
+    the index in RULES of the verification rule (traced); `sampler`: the rejection_sample implementation.
     """
     temperature = 0.0 if greedy else temperature
     forward, logits, embed, mtp_step = _fns(cfg, mtp_cfg)
@@ -186,8 +189,8 @@ def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, *,
         if K > 0:
             drafts, draft_probs, mtp_cache = _draft(
                 params, mtp_params, s, k_draft, mtp_step=mtp_step, draft_logits=draft_logits, embed=embed,
-                num_draft=K, mode=mode, temperature=temperature, top_p=top_p, draft_ids=draft_ids,
-                vocab_size=cfg.vocab_size)
+                num_draft=K, greedy_draft=rule == RULES.index("greedy_draft"), temperature=temperature,
+                top_p=top_p, draft_ids=draft_ids, vocab_size=cfg.vocab_size)
             verify_in = jnp.concatenate([last[:, None], drafts], axis=1)  # [B, R]
         else:
             verify_in, mtp_cache = last[:, None], s.mtp_cache
@@ -196,8 +199,9 @@ def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, *,
         target_logits = logits(params, hidden)  # [B, R, V]
         target_probs = sampling.probs_from_logits(target_logits, temperature, top_p)
         if K > 0:
-            out, n_out = rejection_sample(drafts, draft_probs, target_probs, k_verify, mode=mode,
-                                          implementation=sampler, validate=False)
+            out, n_out = jax.lax.switch(rule, [functools.partial(rejection_sample, mode=m, implementation=sampler,
+                                                                 validate=False) for m in RULES],
+                                        drafts, draft_probs, target_probs, k_verify)
         else:
             out = sampling.sample(k_verify, target_logits, temperature, top_p)  # [B, 1]
             n_out = jnp.ones((B,), jnp.int32)
@@ -286,7 +290,8 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
     state = prefill(params, mtp_params, tokens, lengths, key, temperature, max_new_tokens=max_new_tokens,
                     cache_len=cache_len, **static)
     ids = None if draft_ids is None or mode == "none" else jnp.asarray(draft_ids, jnp.int32)
-    state = decode(params, mtp_params, state, temperature, ids, mode=mode, sampler=sampler, **static)
+    rule = jnp.int32(RULES.index(mode) if mode in RULES else 0)
+    state = decode(params, mtp_params, state, temperature, ids, rule, sampler=sampler, **static)
     state = jax.device_get(state)
     N, steps = max_new_tokens, int(state.step)
     return Rollout(tokens=state.tokens[:, :N], num_tokens=state.num_tokens, logprobs=state.logprobs[:, :N],

@@ -53,7 +53,7 @@ def main():
         prefill_s = _median_time(run_prefill, args.repeats + 1)
         run_decode = lambda: decode(model.params, None, prefill(  # noqa: E731
             model.params, None, tokens, lengths, jax.random.key(0), t, max_new_tokens=args.new_tokens,
-            cache_len=cache_len, **kw), t, mode="none", **kw).tokens
+            cache_len=cache_len, **kw), t, **kw).tokens
         total_s = _median_time(run_decode, args.repeats + 1)
         decode_s = total_s - prefill_s
         steps = args.new_tokens - 1

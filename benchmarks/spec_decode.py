@@ -8,6 +8,7 @@ runs the same engine (`mode=none` is plain decoding) on the same prompts; runs a
 speculative and each time is the median over `--repeats` after a compile-and-warm-up call. EOS is
 disabled so every sequence emits exactly `--max-new-tokens` tokens and tokens/s compare like for
 like. K larger than the heads' trained steps reuses their layers cyclically (as serving engines do).
+Heads trained on a draft sub-vocabulary (`pretrain.draft_vocab`) always draft from their own ids.
 Prints a table and writes JSON.
 """
 
@@ -54,14 +55,18 @@ def main():
     args = ap.parse_args()
 
     model = load_model(args.model)
-    mtp_cfg, mtp_params, _ = load_mtp_heads(args.mtp)
+    mtp_cfg, mtp_params, head_ids = load_mtp_heads(args.mtp)
+    if head_ids is not None:  # heads trained on a draft sub-vocabulary draft from it, whatever --draft-vocab says
+        args.draft_vocab = [len(head_ids)]
     rng = np.random.default_rng(args.seed)
     questions = [make_problem(rng)[0] for _ in range(max(args.batch))]
     prompts = [model.tokenizer.encode_prompt(q, chat=True) for q in questions]
     # frequency ranking for the draft sub-vocabulary: the policy's own greedy answers to other problems
-    calib = speculative_generate(model.params, model.cfg,
-                                 [model.tokenizer.encode_prompt(make_problem(rng)[0], chat=True) for _ in range(16)],
-                                 jax.random.key(1), mode="none", max_new_tokens=96, temperature=1.0)
+    calib = None
+    if head_ids is None and any(args.draft_vocab):
+        calib = speculative_generate(model.params, model.cfg,
+                                     [model.tokenizer.encode_prompt(make_problem(rng)[0], chat=True) for _ in range(16)],
+                                     jax.random.key(1), mode="none", max_new_tokens=96, temperature=1.0)
     rows = []
     for temperature in args.temperature:
         for batch in args.batch:
@@ -73,8 +78,8 @@ def main():
             plain()
             for k in args.num_draft:
                 for vocab in args.draft_vocab:
-                    ids = None if vocab == 0 else frequent_tokens([calib.tokens] + batch_prompts, model.cfg.vocab_size,
-                                                                  vocab, always=model.tokenizer.eos_token_ids)
+                    ids = head_ids if head_ids is not None else None if vocab == 0 else frequent_tokens(
+                        [calib.tokens] + batch_prompts, model.cfg.vocab_size, vocab, always=model.tokenizer.eos_token_ids)
                     heads = dataclasses.replace(mtp_cfg, num_steps=k)
                     spec = lambda: speculative_generate(  # noqa: E731
                         model.params, model.cfg, batch_prompts, key, mtp_params=mtp_params, mtp_cfg=heads,

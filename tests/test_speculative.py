@@ -160,3 +160,18 @@ def test_draft_sub_vocabulary_stays_exact_and_greedy():
     r = speculative_generate(params, cfg, [PROMPT] * 64, jax.random.key(5), mtp_params=mtp_params, mtp_cfg=mtp,
                              num_draft=3, max_new_tokens=8, temperature=1.0, draft_ids=np.arange(8))
     assert (r.tokens[r.tokens >= 0] < 16).all() and r.metrics(3)["draft_acceptance_rate"] > 0
+
+
+def test_rules_share_one_compile_and_each_runs_its_own_branch():
+    """The verification rule is a traced switch: sweeping it compiles decode once; each rule's output differs."""
+    from bebop_jax import speculative
+
+    cfg, params, mtp, mtp_params = _tiny(vocab=16, scale=1.0, seed=3)
+    run = lambda mode: speculative_generate(params, cfg, [PROMPT] * 32, jax.random.key(1), mtp_params=mtp_params,  # noqa: E731
+                                            mtp_cfg=mtp, mode=mode, num_draft=2, max_new_tokens=8, temperature=1.0)
+    first = run("rejection")
+    size = speculative.decode._cache_size()
+    others = {mode: run(mode) for mode in ("greedy_draft", "block")}
+    assert speculative.decode._cache_size() == size
+    tokens = [first.tokens] + [r.tokens for r in others.values()]
+    assert all(not np.array_equal(a, b) for a, b in itertools.combinations(tokens, 2))

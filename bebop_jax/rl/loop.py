@@ -143,6 +143,26 @@ def traj_shardings(rows: int, length: int, mesh: Mesh, rules: sharding.Rules) ->
                         group_ids=per_row, policy_version=per_row)
 
 
+@functools.lru_cache(maxsize=4)
+def _learner_fns(model_cfg: TransformerConfig, settings: LearnerSettings, num_groups: int, mesh: Mesh,
+                 rules: sharding.Rules, rows: int, length: int):
+    """(state shardings, Trajectories shardings, logprobs(params, tokens [R,L]) -> [R,L], update(state,
+    traj, logp_prox, logp_ref) -> (state, metrics)) on `mesh`; cached, so runs in one process (the demo's
+    three MTP strategies, a benchmark's settings) share their compilations."""
+    state_sh = learner_shardings(model_cfg, settings, mesh, rules)
+    traj_sh = traj_shardings(rows, length, mesh, rules)
+    rows_sh = traj_sh.behaviour_logprobs  # of the [R, L] per-token arrays
+    logprobs = sharding.sharded_jit(
+        lambda params, tokens: policy_logprobs(params, tokens, cfg=model_cfg, temperature=settings.temperature)[0],
+        mesh, rules, in_shardings=(state_sh.params, traj_sh.tokens), out_shardings=rows_sh)
+    update = sharding.sharded_jit(
+        lambda s, traj, prox, ref: learner_step(s, traj, prox, ref, cfg=model_cfg, settings=settings,
+                                                num_groups=num_groups),
+        mesh, rules, in_shardings=(state_sh, traj_sh, rows_sh, rows_sh), out_shardings=(state_sh, None),
+        donate_argnums=0)
+    return state_sh, traj_sh, logprobs, update
+
+
 def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: bool = True,
              stop_at_step: int | None = None, devices: Sequence[jax.Device] | None = None) -> dict:
     """Runs (or resumes) an RL run in `cfg.rl.run_dir`; returns the summary (also written as summary.json).
@@ -183,20 +203,11 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
 
     # The learner: its state on the learner mesh by logical axes; its two jitted functions bound to that mesh.
     settings = _settings(cfg)
-    state_sh = learner_shardings(model.cfg, settings, learner_mesh, learner_rules)
-    traj_sh = traj_shardings(actor.rows_for(rl.prompts_per_step), actor.length, learner_mesh, learner_rules)
-    rows_sh = traj_sh.behaviour_logprobs  # of the [R, L] per-token arrays
+    state_sh, traj_sh, logprobs, update = _learner_fns(model.cfg, settings, num_groups, learner_mesh, learner_rules,
+                                                       actor.rows_for(rl.prompts_per_step), actor.length)
     params = jax.device_put(model.params, state_sh.params)  # may share model.params' buffers
     ref_params = params if rl.kl_coef > 0 else None
     state = place_learner(params, settings, state_sh)
-    logprobs = sharding.sharded_jit(
-        lambda params, tokens: policy_logprobs(params, tokens, cfg=model.cfg, temperature=rl.temperature)[0],
-        learner_mesh, learner_rules, in_shardings=(state_sh.params, traj_sh.tokens), out_shardings=rows_sh)
-    update = sharding.sharded_jit(
-        lambda s, traj, prox, ref: learner_step(s, traj, prox, ref, cfg=model.cfg, settings=settings,
-                                                num_groups=num_groups),
-        learner_mesh, learner_rules, in_shardings=(state_sh, traj_sh, rows_sh, rows_sh),
-        out_shardings=(state_sh, None), donate_argnums=0)
     updater = None
     if rl.mtp_strategy != "frozen":
         updater = _MTPUpdater(model, mtp_cfg, jax.device_put(mtp_params, heads_sh(learner_mesh, learner_rules)),
