@@ -36,7 +36,10 @@ def _prompts(model: LoadedModel, n: int, seed: int) -> list[list[int]]:
 
 def verify_modes(model: LoadedModel, heads: str, out: str, *, temperatures=(0.5, 1.0), num_draft: int = 3,
                  batch: int = 8, max_new_tokens: int = 64, seed: int = 1234) -> dict:
-    """Acceptance of each verification rule at each temperature on math prompts; writes `out` (JSON)."""
+    """Acceptance of each verification rule at each temperature on math prompts; writes `out` (JSON).
+
+    Sequences stop at EOS, as in the RL actor, whose rollouts then reuse this compilation (same shapes).
+    """
     from bebop_jax.checkpoint import load_mtp_heads
 
     mtp_cfg, mtp_params, draft_ids = load_mtp_heads(heads)
@@ -47,7 +50,7 @@ def verify_modes(model: LoadedModel, heads: str, out: str, *, temperatures=(0.5,
         for t in temperatures:
             r = speculative_generate(model.params, model.cfg, prompts, jax.random.key(seed), mtp_params=mtp_params,
                                      mtp_cfg=mtp_cfg, mode=mode, num_draft=num_draft, max_new_tokens=max_new_tokens,
-                                     temperature=t, eos_ids=(), draft_ids=draft_ids)
+                                     temperature=t, eos_ids=model.tokenizer.eos_token_ids, draft_ids=draft_ids)
             rows.append({"temperature": t, **r.metrics(num_draft),
                          "policy_entropy": float(r.entropies[r.tokens >= 0].mean())})
         result["modes"][mode] = rows
@@ -56,7 +59,7 @@ def verify_modes(model: LoadedModel, heads: str, out: str, *, temperatures=(0.5,
     return result
 
 
-def rollout_speed(model: LoadedModel, heads: str, out: str, *, settings=((1, 1.0), (8, 1.0)), num_draft: int = 3,
+def rollout_speed(model: LoadedModel, heads: str, out: str, *, settings=((1, 1.0),), num_draft: int = 3,
                   max_new_tokens: int = 64, repeats: int = 2, seed: int = 99) -> dict:
     """Plain vs speculative (rejection) tokens/s, alternating runs, EOS off; writes `out` (JSON)."""
     from bebop_jax.checkpoint import load_mtp_heads
