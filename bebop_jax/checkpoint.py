@@ -76,8 +76,11 @@ class RunCheckpoints:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore_raw(self, step: int):
-        """(state as saved, without a target structure, meta): for reading parameters only."""
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+        """(state as saved, as numpy arrays, meta): for reading parameters only, on any devices (the state
+        may have been saved sharded over another mesh, by several processes)."""
+        saved = self.manager.item_metadata(step)["state"]  # the saved tree: shapes and dtypes
+        like = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), saved)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like),
                                                                  meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 

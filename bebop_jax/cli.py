@@ -189,10 +189,10 @@ def cmd_sample_data(args: argparse.Namespace) -> None:
 
 def cmd_pretrain_mtp(args: argparse.Namespace) -> None:
     cfg = _config_from_args(args, _PRETRAIN_FLAGS)
-    import json
-
+    from bebop_jax.distributed import initialize
     from bebop_jax.pretrain_mtp import train
 
+    initialize(cfg.mesh)  # before any other JAX call: on a pod, every process joins one set of devices
     summary = _user_errors(lambda: train(cfg))
     summary.pop("history")
     print(json.dumps(summary, indent=2))

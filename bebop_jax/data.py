@@ -10,7 +10,8 @@ Sequences are laid out once into fixed rows [R, T] (`layout_rows`: one sequence 
 first-fit), with positions, segment ids (0 = padding) and a completion mask, so that the trunk's hidden
 states of a row can be cached once. Padding is marked by segment id 0, never inferred from a pad id
 (SmolLM2's pad id is its EOS, which occurs inside every chat prompt). `row_iterator` is the grain
-pipeline: shuffle (a new order each epoch) -> repeat -> batch, with `get_state`/`set_state`.
+pipeline: shuffle (a new order each epoch) -> repeat -> batch (on a mesh: each process's rows of every
+global batch), with `get_state`/`set_state`.
 Left out on purpose: on-the-fly packing after shuffling (rows must be fixed for the hidden cache).
 """
 
@@ -26,8 +27,11 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from bebop_jax import distributed
 from bebop_jax.math_prompts import make_problem
+from bebop_jax.sharding import Rules
 
 
 @dataclasses.dataclass
@@ -291,9 +295,16 @@ class RowSource:
         return example
 
 
-def row_iterator(source: RowSource, batch_size: int, seed: int) -> grain.DatasetIterator:
-    """Endless batches [B, ...] of shuffled rows (reshuffled each epoch); a checkpointable iterator."""
+def row_iterator(source: RowSource, batch_size: int, seed: int, mesh: Mesh | None = None,
+                 rules: Rules = ()) -> grain.DatasetIterator:
+    """Endless batches [B, ...] of shuffled rows (reshuffled each epoch); a checkpointable iterator.
+
+    With a mesh, this process's rows of every global batch of `batch_size` (`distributed.process_batches`),
+    for `distributed.to_global`: a global batch holds the rows of the one-process batch, in another order.
+    """
     if len(source) < batch_size:
         raise ValueError(f"pretrain.batch_size={batch_size} is larger than the {len(source)} rows of data")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
-    return iter(ds.to_iter_dataset())
+    rows = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    batches = (rows.batch(batch_size, drop_remainder=True) if mesh is None
+               else distributed.process_batches(rows, batch_size, mesh, rules))
+    return iter(batches.to_iter_dataset())

@@ -130,7 +130,7 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo") -> str:
         heads[loss] = run
     stage("verification rules across temperatures")
     verify_modes(model, heads["e2e_tv"], os.path.join(out_dir, "modes.json"), num_draft=cfg.speculative.num_draft,
-                 max_new_tokens=cfg.rl.max_new_tokens)
+                 batch=cfg.rl.prompts_per_step * cfg.rl.group_size, max_new_tokens=cfg.rl.max_new_tokens)
     stage("plain vs speculative decoding speed")
     speed = rollout_speed(model, heads["e2e_tv"], os.path.join(out_dir, "speed.json"),
                           num_draft=cfg.speculative.num_draft, max_new_tokens=cfg.rl.max_new_tokens)

@@ -16,6 +16,15 @@ initialisation from `pretrain.seed` and its only other state is the grain iterat
 checkpoints hold both (state pytree + iterator + meta) and a resumed run repeats the uninterrupted
 run's losses exactly. tensorboardX scalars, a tqdm bar; a non-finite loss stops the run naming the step.
 
+Devices: the step runs on the `mesh.*` mesh over every device of every process (`bebop pretrain-mtp`
+starts `jax.distributed` first), jitted with shardings: the heads and their AdamW moments laid out by
+their logical axes, the frozen embedding and vocabulary rows by (vocab, embed), batch rows over the
+batch axes. Each process reads only its rows of every global batch (`data.row_iterator` on the mesh),
+which hold the one-process batch's rows in another order, so a sharded run repeats a one-device run's
+losses up to rounding. Process 0 computes the caches while the others wait, then they read its files
+(or, where cache_dir is not a disk they share, make their own copy); every process writes its own
+shards and iterator state into one checkpoint; logs, the bar and summary.json come from process 0.
+
 Head initialisation (`pretrain.init`): "trunk" copies the trunk's last layer into each MTP block and
 the trunk's final norm into each output norm, with fc = [I ; I] (the sum of the normed embedding of
 x_{t+k} and the normed previous hidden state); "random" is `init_mtp_params`. On SmolLM2 neither
@@ -48,8 +57,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bebop_jax import data as data_lib
+from bebop_jax import distributed, sharding
 from bebop_jax.checkpoint import RunCheckpoints, load_mtp_heads
 from bebop_jax.config import Config, to_dict
 from bebop_jax.losses import draft_loss
@@ -87,14 +99,14 @@ def _fingerprint(model: LoadedModel, rows: data_lib.Rows) -> str:
 def hidden_cache(model: LoadedModel, rows: data_lib.Rows, cache_dir: str, batch_size: int = 8,
                  progress: bool = False, fingerprint: str | None = None) -> np.ndarray:
     """The trunk's hidden states of every row, [R,T,D] bf16, from `cache_dir` or computed once and stored
-    there (written to a temporary file, renamed when complete)."""
+    there (written to a temporary file of this process, renamed when complete)."""
     path = os.path.join(cache_dir, f"hidden_{fingerprint or _fingerprint(model, rows)}.npy")
     if not os.path.isfile(path):
         from tqdm import tqdm
 
         os.makedirs(cache_dir, exist_ok=True)
         R, T = rows.tokens.shape
-        tmp = path + ".tmp"
+        tmp = f"{path}.{jax.process_index()}.tmp"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(R, T, model.cfg.hidden_size))
         for start in tqdm(range(0, R, batch_size), desc="trunk hidden cache", disable=not progress):
             idx = np.minimum(np.arange(start, start + batch_size), R - 1)  # the last batch repeats a row
@@ -124,8 +136,9 @@ def target_logz_cache(hidden: np.ndarray, w_vocab, temperature: float, path: str
         for start in tqdm(range(0, len(hidden), batch_size), desc="target log-normalisers", disable=not progress):
             out[start:start + batch_size] = full_logz(np.asarray(hidden[start:start + batch_size]), w_vocab,
                                                       temperature=temperature)
-        np.save(path + ".tmp.npy", out)
-        os.replace(path + ".tmp.npy", path)
+        tmp = f"{path}.{jax.process_index()}.tmp.npy"
+        np.save(tmp, out)
+        os.replace(tmp, path)
     return np.load(path)
 
 
@@ -233,8 +246,9 @@ class StepSettings:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mtp", "settings"), donate_argnums=0)
-def train_step(state: TrainState, frozen, batch, *, cfg: TransformerConfig, mtp: MTPConfig, settings: StepSettings):
-    """One update of the heads: (state, frozen, batch) -> (state, metrics).
+def train_step(state: TrainState, frozen, batch, cfg: TransformerConfig, mtp: MTPConfig, settings: StepSettings):
+    """One update of the heads: (state, frozen, batch) -> (state, metrics). The static settings may come
+    by position, as a jit with shardings needs (`train`).
 
     frozen: embedding [V,D], w_vocab [V,D] or the draft vocabulary's rows [Vd,D] with vocab_index [V].
     """
@@ -250,6 +264,16 @@ def train_step(state: TrainState, frozen, batch, *, cfg: TransformerConfig, mtp:
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
     return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+
+
+def with_trunk_hidden(trunk, batch, cfg: TransformerConfig, temperature: float, target_logz: bool) -> dict:
+    """`batch` with what the caches hold, computed per step (`pretrain.cache_hidden=false`): the trunk's
+    hidden states (`trunk_hidden`) and, for a draft sub-vocabulary, their log-normalisers (`full_logz`)."""
+    hidden = trunk_hidden(trunk, batch["tokens"], batch["positions"], batch["segment_ids"], cfg=cfg)
+    batch = dict(batch, hidden=hidden)
+    if target_logz:
+        batch["target_logz"] = full_logz(hidden, vocab_matrix(cfg, trunk), temperature=temperature)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +332,29 @@ def _initial_heads(cfg: Config, model: LoadedModel, mtp: MTPConfig, rows: data_l
     return jax.tree.map(jnp.asarray, heads.params), heads.draft_ids
 
 
+def _caches(model: LoadedModel, rows: data_lib.Rows, w_vocab, pc, progress: bool):
+    """(hidden [R,T,D] bf16, target_logz [R,T] f32 or None without a draft sub-vocabulary (w_vocab None)),
+    read from `pc.cache_dir` or computed and stored there.
+
+    With several processes, process 0 computes what is missing while the others wait; they then read
+    its files, or, where cache_dir is a disk of their own (not shared with process 0), compute their own.
+    """
+    fingerprint = _fingerprint(model, rows)
+
+    def load():
+        hidden = hidden_cache(model, rows, pc.cache_dir, progress=progress, fingerprint=fingerprint)
+        if w_vocab is None:
+            return hidden, None
+        return hidden, target_logz_cache(hidden, w_vocab, pc.temperature, progress=progress, path=os.path.join(
+            pc.cache_dir, f"logz_{fingerprint}_t{pc.temperature:g}.npy"))
+
+    first = jax.process_index() == 0
+    caches = load() if first else None
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("pretrain-mtp caches")
+    return caches if first else load()
+
+
 def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) -> dict:
     """Trains (or resumes) the heads of `cfg` for `pretrain.steps` steps; returns the run summary with
     the per-step losses of this invocation (`history`)."""
@@ -316,12 +363,16 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
 
     pc = cfg.pretrain
     t_start = time.perf_counter()
+    mesh = sharding.make_mesh(cfg.mesh)  # every device of every process: a mesh they cannot form fails first
+    lead = jax.process_index() == 0  # the process that shows progress and writes logs and the summary
+    progress = progress and lead
     # the training set: the corpus when data.corpus is set, else {data.dir}/train; shards are read before
     # the model loads, so a missing data set fails fast
     seqs = None if cfg.data.corpus else data_lib.read_shards(os.path.join(cfg.data.dir, "train"))
     model = model or load_model(cfg.model.source, cfg.model.dtype)
     if seqs is None:
         seqs = data_lib.read_corpus(cfg.data.corpus, model.tokenizer, pc.seq_len)
+    rules = sharding.make_rules(mesh, cfg.mesh.rules, sharding.trunk_dims(model.cfg))
     mtp = MTPConfig(cfg.mtp.num_steps, cfg.mtp.num_layers)
     rows = data_lib.layout_rows(seqs, pc.seq_len, pc.pack)
     num_origins = data_lib.max_loss_origins(rows, mtp.num_steps)
@@ -333,40 +384,52 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
     t0 = time.perf_counter()
     hidden = logz = None
     if pc.cache_hidden:
-        fingerprint = _fingerprint(model, rows)
-        hidden = hidden_cache(model, rows, pc.cache_dir, progress=progress, fingerprint=fingerprint)
-        if draft_ids is not None:
-            logz = target_logz_cache(hidden, w_vocab, pc.temperature, progress=progress, path=os.path.join(
-                pc.cache_dir, f"logz_{fingerprint}_t{pc.temperature:g}.npy"))
+        hidden, logz = _caches(model, rows, None if draft_ids is None else w_vocab, pc, progress)
     cache_seconds = time.perf_counter() - t0
-    data_iter = data_lib.row_iterator(data_lib.RowSource(rows, hidden, logz), pc.batch_size, pc.seed)
+    data_iter = data_lib.row_iterator(data_lib.RowSource(rows, hidden, logz), pc.batch_size, pc.seed, mesh, rules)
 
+    # On the mesh: heads and AdamW moments by their logical axes, the frozen matrices by (vocab, embed),
+    # batch rows over the batch axes; the step's metrics replicated, so every process reads them.
     settings = StepSettings.from_config(pc, num_origins)
-    state = TrainState(jnp.int32(0), params, settings.optimizer().init(params))
+    new_state = lambda p: TrainState(jnp.int32(0), p, settings.optimizer().init(p))  # noqa: E731
+    state_sh = sharding.logical_to_sharding(jax.eval_shape(new_state, sharding.abstract_heads(model.cfg, mtp)),
+                                            mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    frozen_sh = {k: replicated if k == "vocab_index" else
+                 sharding.named_sharding(("vocab", "embed"), v.shape, mesh, rules) for k, v in frozen.items()}
+    batch_sh = sharding.batch_sharding((pc.batch_size,), mesh, rules)  # a prefix: every array of a batch
+    # the module's functions with static settings by position: later runs in this process reuse the compilation
+    step_fn = sharding.sharded_jit(train_step, mesh, rules, in_shardings=(state_sh, frozen_sh, batch_sh),
+                                   out_shardings=(state_sh, replicated), donate_argnums=0,
+                                   static_argnames=("cfg", "mtp", "settings"))
+    state, frozen = jax.device_put(new_state(params), state_sh), jax.device_put(frozen, frozen_sh)
+    if hidden is None:
+        trunk_sh = sharding.param_shardings(model.cfg, mesh, rules)
+        trunk = jax.device_put(model.params, trunk_sh)
+        add_hidden = sharding.sharded_jit(with_trunk_hidden, mesh, rules, in_shardings=(trunk_sh, batch_sh),
+                                          out_shardings=batch_sh,
+                                          static_argnames=("cfg", "temperature", "target_logz"))
     meta = _run_meta(cfg, model, mtp, draft_ids)
     ckpt = RunCheckpoints(pc.run_dir)
     start = ckpt.latest_step()
     if start is not None:
         _check_resume(ckpt.read_meta(start), meta, pc.run_dir)
-        state, _ = ckpt.restore(start, jax.tree.map(np.asarray, state), data_iter)
+        state, _ = ckpt.restore(start, state, data_iter)
     start = int(state.step)
-    writer = SummaryWriter(os.path.join(pc.run_dir, "tb"))
+    writer = SummaryWriter(os.path.join(pc.run_dir, "tb")) if lead else None
     history, metrics = [], {}
     bar = tqdm(total=pc.steps, initial=start, desc=f"pretrain-mtp {pc.loss}", disable=not progress)
     t_loop = time.perf_counter()
     try:
         for step in range(start + 1, pc.steps + 1):
-            batch = next(data_iter)
+            batch = distributed.to_global(next(data_iter), pc.batch_size, mesh, rules)
             if hidden is None:
-                batch["hidden"] = trunk_hidden(model.params, batch["tokens"], batch["positions"],
-                                               batch["segment_ids"], cfg=model.cfg)
-                if draft_ids is not None:
-                    batch["target_logz"] = full_logz(batch["hidden"], w_vocab, temperature=pc.temperature)
-            state, metrics = train_step(state, frozen, batch, cfg=model.cfg, mtp=mtp, settings=settings)
+                batch = add_hidden(trunk, batch, model.cfg, pc.temperature, draft_ids is not None)
+            state, metrics = step_fn(state, frozen, batch, model.cfg, mtp, settings)
             loss = float(metrics["loss"])
             _check_finite(loss, step)
             history.append({"step": step, "loss": loss})
-            if step % pc.log_every == 0 or step == pc.steps:
+            if lead and (step % pc.log_every == 0 or step == pc.steps):
                 m = jax.device_get(metrics)
                 scalars = {"loss": loss, "expected_length": float(m["expected_length"]),
                            "grad_norm": float(m["grad_norm"]), "learning_rate": float(settings.schedule()(step - 1))}
@@ -377,12 +440,13 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
                                 len=f"{scalars['expected_length']:.3f}")
             bar.update(1)
             if step % pc.checkpoint_every == 0 or step == pc.steps:
-                ckpt.save(step, jax.tree.map(np.array, state), data_iter, meta)
+                ckpt.save(step, state, data_iter, meta)  # every process its own shards and iterator
         if start == pc.steps == 0:
-            ckpt.save(0, jax.tree.map(np.array, state), data_iter, meta)  # steps=0: keep the initial heads
+            ckpt.save(0, state, data_iter, meta)  # steps=0: keep the initial heads
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
     train_seconds = time.perf_counter() - t_loop
     last = jax.device_get(metrics)
@@ -394,7 +458,8 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
                "final": {"loss": history[-1]["loss"] if history else None,
                          "alpha": [float(a) for a in last["alpha"]] if last else None,
                          "expected_length": float(last["expected_length"]) if last else None}}
-    with open(os.path.join(pc.run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if lead:
+        with open(os.path.join(pc.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary | {"history": history}
 

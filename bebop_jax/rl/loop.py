@@ -85,17 +85,17 @@ class _MTPUpdater:
         self.state = TrainState(jnp.int32(0), mtp_params, self.settings.optimizer().init(mtp_params))
 
     def update(self, params, traj) -> dict:
-        from bebop_jax.pretrain_mtp import full_logz, train_step, trunk_hidden, vocab_index
+        from bebop_jax.pretrain_mtp import train_step, vocab_index, with_trunk_hidden
 
         tokens = jnp.asarray(traj.tokens)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         segments = jnp.ones_like(tokens)  # one sequence per row (0 would mark every position as padding)
-        batch = dict(hidden=trunk_hidden(params, tokens, positions, segments, cfg=self.model.cfg), tokens=tokens,
-                     positions=positions, segment_ids=segments, completion=jnp.asarray(traj.loss_mask))
+        batch = with_trunk_hidden(params, dict(tokens=tokens, positions=positions, segment_ids=segments,
+                                               completion=jnp.asarray(traj.loss_mask)),
+                                  self.model.cfg, self.settings.temperature, self.draft_ids is not None)
         w_vocab = vocab_matrix(self.model.cfg, params)
         frozen = dict(embedding=params["embedding"], w_vocab=w_vocab)
         if self.draft_ids is not None:  # the heads' sub-vocabulary, p exact (pretrain_mtp docstring)
-            batch["target_logz"] = full_logz(batch["hidden"], w_vocab, temperature=self.settings.temperature)
             frozen |= dict(w_vocab=w_vocab[self.draft_ids],
                            vocab_index=vocab_index(self.draft_ids, self.model.cfg.vocab_size))
         self.state, metrics = train_step(self.state, frozen, batch, cfg=self.model.cfg, mtp=self.mtp_cfg,
