@@ -202,6 +202,7 @@ class RLConfig:
 
     environment: Literal["math", "code", "tool"] = "math"
     env_source: str | None = None  # a JSONL file (GSM8K-format math, code problems); None = built-in
+    math_level: Literal["grade", "easy"] = "grade"  # built-in math problems (bebop_jax.math_prompts.LEVELS)
     steps: int = 20  # learner updates
     prompts_per_step: int = 4
     group_size: int = 4  # G episodes per prompt (GRPO)
@@ -221,6 +222,11 @@ class RLConfig:
     seed: int = 0
     run_dir: str = "runs/rl"
     checkpoint_every: int = 5
+    # > 0: that many held-out math problems (the environment's test split; training then draws from the
+    # train split) scored with plain sampling at `temperature` before the first step, every `eval_every`
+    # steps and after the last: eval/accuracy in tensorboard, RUN/eval.jsonl, the curves PNG.
+    eval_tasks: int = 0
+    eval_every: int = 10
     # fraction of the devices that roll out (the rest learn, on a mesh.* mesh); 0 = both share all devices.
     # On one device both always share it. See sharding.rl_meshes.
     actor_devices: float = 0.0
@@ -233,6 +239,12 @@ class RLConfig:
                               f"actor (0 = actor and learner share all devices), got {self.actor_devices}")
         if self.max_staleness < 0:
             raise ConfigError(f"config key 'rl.max_staleness': expected >= 0, got {self.max_staleness}")
+        if self.eval_tasks < 0 or self.eval_every < 1:
+            raise ConfigError(f"config keys 'rl.eval_tasks' >= 0 and 'rl.eval_every' >= 1 expected, got "
+                              f"{self.eval_tasks} and {self.eval_every}")
+        if self.eval_tasks and self.environment != "math":
+            raise ConfigError(f"config key 'rl.eval_tasks': held-out evaluation needs a train/test split, which "
+                              f"the math environment has and {self.environment!r} has not; set it to 0")
         if self.temperature <= 0:
             raise ConfigError(f"config key 'rl.temperature': expected > 0 (RL samples), got {self.temperature}")
 

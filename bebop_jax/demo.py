@@ -100,14 +100,11 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo") -> str:
     from bebop_jax.rl.loop import train_rl
 
     t_start = time.perf_counter()
-    times: dict[str, float] = {}  # stage -> seconds
+    starts: dict[str, float] = {}  # stage -> seconds since the start when it began
 
     def stage(name):
-        now = time.perf_counter()
-        if times:
-            times[next(reversed(times))] = round(now - t_start - sum(times.values()), 1)
-        print(f"\n=== {name} ({now - t_start:.0f}s elapsed) ===", flush=True)
-        times[name] = 0.0
+        starts[name] = time.perf_counter() - t_start
+        print(f"\n=== {name} ({starts[name]:.0f}s elapsed) ===", flush=True)
 
     stage("load SmolLM2-135M-Instruct")
     model = load_model(cfg.model.source, cfg.model.dtype)
@@ -160,7 +157,8 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo") -> str:
         print(f"RL {name:<16} {summary['steps']} steps, {summary['wall_s'] / max(summary['steps'], 1):.1f} s/step, "
               f"acceptance {summary['acceptance'] if summary['acceptance'] is not None else float('nan'):.3f}")
     stage("done")
-    times.pop("done")
+    names = list(starts)
+    times = {a: round(starts[b] - starts[a], 1) for a, b in zip(names, names[1:])}  # stage -> seconds
     with open(os.path.join(out_dir, "stage_seconds.json"), "w") as f:
         json.dump(times, f, indent=2)
     print("stages: " + ", ".join(f"{name} {sec:.0f}s" for name, sec in times.items()))

@@ -1,9 +1,12 @@
 """A built-in source of verifiable math problems: `make_problem(rng) -> (question, answer)`.
 
-Grade-school arithmetic in a few templates (sums, differences, products, short word problems, linear
-equations, remainders), each with an integer answer, so that a reward is an exact match. Used as the
-prompt set of self-distillation (`bebop sample-data`) and by the RL math environment, which grades
-answers (`bebop_jax.rl.environments.grade`).
+Two levels, each a few templates with an integer answer, so that a reward is an exact match:
+- `grade` (default): grade-school arithmetic (three-term sums, differences up to 1000, products,
+  short word problems, linear equations, remainders);
+- `easy`: one operation on numbers below 20 (sums, differences, single-digit products). A 135M model
+  solves ~10% of these at T=1 and almost none of `grade`: the level at which GRPO gets a signal.
+Used as the prompt set of self-distillation (`bebop sample-data`) and by the RL math environment,
+which grades answers (`bebop_jax.rl.environments.grade`).
 Left out on purpose: fractions, units, multi-step proofs; no answer needs more than an integer.
 """
 
@@ -49,11 +52,30 @@ def _remainder(rng):
     return f"What is the remainder when {a} is divided by {b}?", a % b
 
 
-_TEMPLATES = (_sum, _difference, _product, _word, _equation, _remainder)
+def _small_sum(rng):
+    a, b = (int(x) for x in rng.integers(1, 20, 2))
+    return f"What is {a} + {b}?", a + b
+
+
+def _small_difference(rng):
+    a, b = sorted(int(x) for x in rng.integers(1, 20, 2))
+    return f"What is {b} - {a}?", b - a
+
+
+def _small_product(rng):
+    a, b = (int(x) for x in rng.integers(2, 10, 2))
+    return f"What is {a} times {b}?", a * b
+
+
+LEVELS = {"grade": (_sum, _difference, _product, _word, _equation, _remainder),
+          "easy": (_small_sum, _small_difference, _small_product)}
 INSTRUCTION = "Think step by step, then give the final answer as 'Answer: <number>'."
 
 
-def make_problem(rng: np.random.Generator) -> tuple[str, str]:
-    """One problem: (question text with the answer-format instruction, answer as a decimal string)."""
-    question, answer = _TEMPLATES[rng.integers(len(_TEMPLATES))](rng)
+def make_problem(rng: np.random.Generator, level: str = "grade") -> tuple[str, str]:
+    """One problem of `level` (a key of LEVELS): (question with the answer-format instruction, answer as text)."""
+    if level not in LEVELS:
+        raise ValueError(f"math level must be one of {', '.join(LEVELS)}, got {level!r}")
+    templates = LEVELS[level]
+    question, answer = templates[rng.integers(len(templates))](rng)
     return f"{question} {INSTRUCTION}", str(answer)

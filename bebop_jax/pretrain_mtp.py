@@ -156,6 +156,16 @@ def vocab_index(draft_ids, vocab_size: int) -> np.ndarray:
     return index
 
 
+def frozen_inputs(cfg: TransformerConfig, trunk_params: dict, draft_ids=None) -> dict:
+    """The trunk matrices `train_step` reads: embedding [V,D] and w_vocab [V,D], or with a draft
+    sub-vocabulary w_vocab = its rows [Vd,D] and vocab_index [V] (`vocab_index`)."""
+    w_vocab = vocab_matrix(cfg, trunk_params)
+    if draft_ids is None:
+        return {"embedding": trunk_params["embedding"], "w_vocab": w_vocab}
+    return {"embedding": trunk_params["embedding"], "w_vocab": w_vocab[jnp.asarray(draft_ids)],
+            "vocab_index": vocab_index(draft_ids, cfg.vocab_size)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Heads, loss and the train step
 
@@ -378,9 +388,7 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
     num_origins = data_lib.max_loss_origins(rows, mtp.num_steps)
     params, draft_ids = _initial_heads(cfg, model, mtp, rows)
     w_vocab = vocab_matrix(model.cfg, model.params)
-    frozen = {"embedding": model.params["embedding"], "w_vocab": w_vocab}
-    if draft_ids is not None:
-        frozen |= {"w_vocab": w_vocab[draft_ids], "vocab_index": vocab_index(draft_ids, model.cfg.vocab_size)}
+    frozen = frozen_inputs(model.cfg, model.params, draft_ids)
     t0 = time.perf_counter()
     hidden = logz = None
     if pc.cache_hidden:

@@ -33,7 +33,7 @@ import numpy as np
 from bebop_jax import sampling
 from bebop_jax.generate import cache_length_for, check_lengths, pad_prompts
 from bebop_jax.model.mtp import MTPConfig, MTPHeads, init_mtp_cache, vocab_matrix
-from bebop_jax.model.transformer import Transformer, TransformerConfig, init_cache
+from bebop_jax.model.transformer import Transformer, TransformerConfig, init_cache, vocab_logits
 from kernels_pallas.rejection_sampling import rejection_sample
 
 MODES = ("none", "rejection", "greedy_draft", "block")
@@ -174,7 +174,7 @@ def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, ru
         w_draft = vocab_matrix(cfg, params)[draft_ids].astype(cfg.compute_dtype)  # [Vd, D], gathered once
 
         def draft_logits(h):
-            return jnp.einsum("BD,VD->BV", h, w_draft, preferred_element_type=jnp.float32)
+            return vocab_logits(h, w_draft)  # [B, Vd]
     B, width = state.tokens.shape
     K, R = num_draft, num_draft + 1
     N = width - R

@@ -9,9 +9,6 @@ writes JSON.
 """
 
 import argparse
-import json
-import os
-import time
 
 import jax
 import numpy as np
@@ -19,15 +16,7 @@ import numpy as np
 from bebop_jax.generate import cache_length_for
 from bebop_jax.speculative import decode, prefill
 from bebop_jax.model import load_model
-
-
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from timing import median_seconds, write_result
 
 
 def main():
@@ -50,11 +39,11 @@ def main():
         t = jax.numpy.float32(1.0)
         run_prefill = lambda: prefill(model.params, None, tokens, lengths, jax.random.key(0), t,  # noqa: E731
                                       max_new_tokens=args.new_tokens, cache_len=cache_len, **kw).tokens
-        prefill_s = _median_time(run_prefill, args.repeats + 1)
+        prefill_s = median_seconds(run_prefill, args.repeats)
         run_decode = lambda: decode(model.params, None, prefill(  # noqa: E731
             model.params, None, tokens, lengths, jax.random.key(0), t, max_new_tokens=args.new_tokens,
             cache_len=cache_len, **kw), t, **kw).tokens
-        total_s = _median_time(run_decode, args.repeats + 1)
+        total_s = median_seconds(run_decode, args.repeats)
         decode_s = total_s - prefill_s
         steps = args.new_tokens - 1
         rows.append(dict(batch=batch, prefill_tokens=args.prefill, prefill_ms=1e3 * prefill_s,
@@ -62,10 +51,7 @@ def main():
     print(f"{'batch':>5} {'prefill ms':>11} {'decode ms/step':>15} {'decode tok/s':>13}")
     for r in rows:
         print(f"{r['batch']:>5} {r['prefill_ms']:>11.1f} {r['decode_ms_per_step']:>15.1f} {r['decode_tokens_per_s']:>13.1f}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(model=args.model, device=str(jax.devices()[0]), rows=rows), f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, model=args.model, rows=rows)
 
 
 if __name__ == "__main__":

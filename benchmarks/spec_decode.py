@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import time
 
 import jax
 import numpy as np
@@ -27,15 +24,7 @@ from bebop_jax.checkpoint import load_mtp_heads
 from bebop_jax.math_prompts import make_problem
 from bebop_jax.model import load_model
 from bebop_jax.speculative import frequent_tokens, speculative_generate
-
-
-def _timed(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), out
+from timing import median_seconds, write_result
 
 
 def main():
@@ -56,14 +45,14 @@ def main():
 
     model = load_model(args.model)
     mtp_cfg, mtp_params, head_ids = load_mtp_heads(args.mtp)
-    if head_ids is not None:  # heads trained on a draft sub-vocabulary draft from it, whatever --draft-vocab says
-        args.draft_vocab = [len(head_ids)]
+    # heads trained on a draft sub-vocabulary draft from it, whatever --draft-vocab says
+    vocab_sizes = [len(head_ids)] if head_ids is not None else args.draft_vocab
     rng = np.random.default_rng(args.seed)
     questions = [make_problem(rng)[0] for _ in range(max(args.batch))]
     prompts = [model.tokenizer.encode_prompt(q, chat=True) for q in questions]
     # frequency ranking for the draft sub-vocabulary: the policy's own greedy answers to other problems
     calib = None
-    if head_ids is None and any(args.draft_vocab):
+    if head_ids is None and any(vocab_sizes):
         calib = speculative_generate(model.params, model.cfg,
                                      [model.tokenizer.encode_prompt(make_problem(rng)[0], chat=True) for _ in range(16)],
                                      jax.random.key(1), mode="none", max_new_tokens=96, temperature=1.0)
@@ -77,20 +66,18 @@ def main():
                                                  **common)
             plain()
             for k in args.num_draft:
-                for vocab in args.draft_vocab:
+                for vocab in vocab_sizes:
                     ids = head_ids if head_ids is not None else None if vocab == 0 else frequent_tokens(
                         [calib.tokens] + batch_prompts, model.cfg.vocab_size, vocab, always=model.tokenizer.eos_token_ids)
                     heads = dataclasses.replace(mtp_cfg, num_steps=k)
                     spec = lambda: speculative_generate(  # noqa: E731
                         model.params, model.cfg, batch_prompts, key, mtp_params=mtp_params, mtp_cfg=heads,
                         mode=args.mode, num_draft=k, draft_ids=ids, **common)
-                    spec()
-                    rollout = None
+                    rollout = spec()  # compile; the metrics of a run (the same key: the same tokens each time)
                     plain_times, spec_times = [], []
                     for _ in range(args.repeats):  # alternate, so drifts in machine load hit both
-                        plain_times.append(_timed(plain, 1)[0])
-                        t, rollout = _timed(spec, 1)
-                        spec_times.append(t)
+                        plain_times.append(median_seconds(plain, 1, warmup=False))
+                        spec_times.append(median_seconds(spec, 1, warmup=False))
                     plain_s, spec_s = float(np.median(plain_times)), float(np.median(spec_times))
                     tokens = batch * args.max_new_tokens
                     m = rollout.metrics(k)
@@ -102,10 +89,7 @@ def main():
                           f"tok/s  spec {r['spec_tokens_per_s']:7.1f} tok/s  x{r['speedup']:.2f}  "
                           f"accept {r['draft_acceptance_rate']:.3f}  len {r['draft_mean_acceptance_length']:.2f}",
                           flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(model=args.model, mtp=args.mtp, device=str(jax.devices()[0]), rows=rows), f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, model=args.model, mtp=args.mtp, rows=rows)
 
 
 if __name__ == "__main__":

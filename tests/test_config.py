@@ -59,3 +59,10 @@ def test_rl_actor_devices_is_a_fraction_below_one():
     for bad in ("1", "1.5", "-0.1"):
         with pytest.raises(ConfigError, match=r"'rl.actor_devices': expected a fraction in \[0, 1\)"):
             load_config(None, [f"rl.actor_devices={bad}"])
+
+
+def test_held_out_evaluation_is_refused_without_a_split():
+    with pytest.raises(ConfigError, match="rl.eval_tasks"):
+        load_config(None, ["rl.environment=code", "rl.eval_tasks=4"])
+    with pytest.raises(ConfigError, match="eval_every"):
+        load_config(None, ["rl.eval_every=0"])

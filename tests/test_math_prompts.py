@@ -46,3 +46,29 @@ def test_the_rl_grader_accepts_the_instructed_format():
     question, answer = make_problem(rng)
     assert grade(f"Let me think. Answer: {answer}", answer)[0] == 1.0
     assert grade(f"Answer: {int(answer) + 1}", answer)[0] == 0.0
+
+
+def test_easy_level_is_one_small_operation_and_its_answers_are_right():
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(200):
+        question, answer = make_problem(rng, "easy")
+        nums = [int(n) for n in re.findall(r"-?\d+", question.replace(INSTRUCTION, ""))]
+        assert len(nums) == 2 and all(0 < n < 20 for n in nums), question
+        assert int(answer) == _solve(question), question
+        kinds.add(question.split()[3])
+    assert kinds == {"+", "-", "times"}
+
+
+def test_unknown_level_is_refused_with_the_choices():
+    import pytest
+
+    from bebop_jax.rl.environments import MathEnv
+
+    with pytest.raises(ValueError, match="easy"):
+        make_problem(np.random.default_rng(0), "hard")
+    with pytest.raises(ValueError, match="grade"):
+        MathEnv(level="hard")
+    env = MathEnv(level="easy")
+    task = env.sample_tasks(np.random.default_rng(0), 1)[0]
+    assert len(re.findall(r"\d+", task.messages[0]["content"])) == 2

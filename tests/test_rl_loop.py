@@ -170,3 +170,28 @@ def test_online_mtp_update_trains_the_heads_on_the_completions(tiny_dir, strateg
     assert last["mtp_loss"] < first["mtp_loss"] - 1e-3, (first, last)
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), updater.state.params, heads)
     assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_held_out_evaluation_before_every_n_steps_and_at_the_end(tiny_dir, tmp_path):
+    run = str(tmp_path / "eval")
+    summary = train_rl(_cfg(tiny_dir, run, "rl.loop=sync", "rl.steps=3", "rl.eval_tasks=3", "rl.eval_every=2",
+                            "rl.math_level=easy"), progress=False)
+    evals = [json.loads(line) for line in open(os.path.join(run, "eval.jsonl"))]
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    for e in evals:
+        assert 0.0 <= e["accuracy"] <= 1.0 and e["response_length"] > 0
+    assert sorted(summary["eval_accuracy"]) == [0, 2, 3]
+    assert len(read_history(run)) == 3  # the per-step metrics are not mixed with the evaluations
+
+
+def test_held_out_problems_come_from_the_test_split_and_training_from_the_rest():
+    from bebop_jax.rl.environments import _in_split, make_environment
+    from bebop_jax.rl.loop import _env_options
+
+    rl = load_config(None, ["rl.eval_tasks=8", "rl.math_level=easy"]).rl
+    rng = np.random.default_rng(0)
+    test = make_environment("math", **_env_options(rl, "test")).sample_tasks(rng, 20)
+    train = make_environment("math", **_env_options(rl, "train")).sample_tasks(rng, 20)
+    assert all(_in_split(t.messages[0]["content"], "test", 0.1) for t in test)
+    assert not any(_in_split(t.messages[0]["content"], "test", 0.1) for t in train)
+    assert {t.messages[0]["content"] for t in test}.isdisjoint(t.messages[0]["content"] for t in train)

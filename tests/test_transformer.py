@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from bebop_jax.model import load_model
@@ -103,3 +104,26 @@ def test_params_carry_logical_axes(hf_tiny):
     assert tuple(axes["layers_0"]["mlp"]["down"]) == ("mlp", "embed")
     shapes = jax.tree.map(lambda a: a.shape, init_params(cfg, jax.random.key(0)))
     assert shapes == jax.tree.map(lambda a: a.shape, load_model(path).params)
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 4), (3, 5), (40,), (2, 3, 7)])
+def test_vocab_logits_equal_the_plain_product_on_every_path(shape):
+    """1 and 40 rows take the dot, 2..32 rows the multiply-reduce form (on CPU): both are h W^T."""
+    from bebop_jax.model.transformer import vocab_logits
+
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((*shape, 24)).astype(np.float32)
+    w = rng.standard_normal((50, 24)).astype(np.float32)
+    got = np.asarray(jax.jit(vocab_logits)(h, w))
+    want = np.einsum("...d,vd->...v", h.astype(np.float64), w.astype(np.float64))
+    assert got.shape == (*shape, 50) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_logits_takes_the_reduce_form_for_few_rows_on_cpu():
+    from bebop_jax.model.transformer import FEW_ROWS, vocab_logits
+
+    w = jnp.zeros((50, 24))
+    for rows, dot in ((1, True), (FEW_ROWS[0], False), (FEW_ROWS[1], False), (FEW_ROWS[1] + 1, True)):
+        jaxpr = str(jax.make_jaxpr(vocab_logits)(jnp.zeros((rows, 24)), w))
+        assert ("dot_general" in jaxpr) == dot and ("reduce_sum" in jaxpr) != dot, rows

@@ -267,8 +267,31 @@ class Transformer(nn.Module):
 
     def logits(self, hidden):
         """hidden [..., D] -> logits [..., V] in float32."""
-        w = self.embedding.T if self.cfg.tie_word_embeddings else self.lm_head  # [D, V]
-        return jnp.einsum("...D,DV->...V", hidden, w.astype(self.cfg.compute_dtype), preferred_element_type=jnp.float32)
+        if self.cfg.tie_word_embeddings:
+            return vocab_logits(hidden, self.embedding, self.cfg.compute_dtype)
+        w = self.lm_head.astype(self.cfg.compute_dtype)  # [D, V]
+        return jnp.einsum("...D,DV->...V", hidden, w, preferred_element_type=jnp.float32)
+
+
+# Rows for which `vocab_logits` takes the multiply-reduce form on CPU (see there).
+FEW_ROWS = (2, 32)
+
+
+def vocab_logits(hidden, w_vocab, compute_dtype=jnp.float32):
+    """hidden [..., D] and one row per vocabulary entry w_vocab [V, D] -> logits [..., V] in float32.
+
+    On CPU, XLA's dot of a few rows (a verify step's K+1 positions, a small batch) against a wide
+    matrix like the LM head runs far below the memory bound (2.5-6x a 1-row product at 4 rows); the
+    same product written as a fused multiply-reduce over the rows of W reads W once and is ~2x faster
+    there (`benchmarks/lm_head.py`). Other row counts and other backends use the dot.
+    """
+    rows = math.prod(hidden.shape[:-1])
+    w = w_vocab.astype(compute_dtype)
+    if jax.default_backend() == "cpu" and FEW_ROWS[0] <= rows <= FEW_ROWS[1]:
+        flat = hidden.reshape(rows, hidden.shape[-1]).astype(jnp.float32)
+        out = jnp.sum(w.astype(jnp.float32)[:, None, :] * flat[None], axis=-1)  # [V, rows]
+        return out.T.reshape(*hidden.shape[:-1], w.shape[0])
+    return jnp.einsum("...D,VD->...V", hidden, w, preferred_element_type=jnp.float32)
 
 
 def init_params(cfg: TransformerConfig, key: jax.Array) -> dict:

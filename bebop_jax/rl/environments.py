@@ -1,6 +1,6 @@
 """RL environments behind one protocol: a task's chat messages -> completion -> reward, multi-turn capable.
 
-- `MathEnv`: the built-in generator of `bebop_jax.math_prompts`, or a GSM8K-format JSONL (`question`,
+- `MathEnv`: the built-in generator of `bebop_jax.math_prompts` (level `grade` or `easy`), or a GSM8K-format JSONL (`question`,
   `answer` whose final number follows `####`); reward 1 when the stated answer equals the reference as
   a number. Answer extraction prefers the last `\\boxed{...}`, then the last "answer ... N", then the
   last number, and tolerates `$`, thousands commas, decimals and a trailing period. An optional
@@ -34,7 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
-from bebop_jax.math_prompts import INSTRUCTION, make_problem
+from bebop_jax.math_prompts import INSTRUCTION, LEVELS, make_problem
 from bebop_jax.rl.sandbox import REASONS as SANDBOX_REASONS, Limits, run_python
 
 REASONS = {
@@ -162,10 +162,12 @@ class MathEnv:
     name = "math"
     max_turns = 1
 
-    def __init__(self, source: str = "builtin", split: str = "all", test_fraction: float = 0.1):
+    def __init__(self, source: str = "builtin", split: str = "all", test_fraction: float = 0.1, level: str = "grade"):
         if split not in ("all", "train", "test") or not 0.0 < test_fraction < 1.0:
             raise ValueError(f"split must be all|train|test and 0 < test_fraction < 1, got {split!r}, {test_fraction}")
-        self.split, self.test_fraction = split, test_fraction
+        if level not in LEVELS:
+            raise ValueError(f"math level must be one of {', '.join(LEVELS)}, got {level!r}")
+        self.split, self.test_fraction, self.level = split, test_fraction, level
         self.problems = None
         if source != "builtin":
             self.problems = [p for p in _load_gsm8k(source) if _in_split(p[0], split, test_fraction)]
@@ -176,7 +178,7 @@ class MathEnv:
         if self.problems is not None:
             return self.problems[rng.integers(len(self.problems))]
         while True:
-            question, answer = make_problem(rng)
+            question, answer = make_problem(rng, self.level)
             if _in_split(question, self.split, self.test_fraction):
                 return question, answer
 

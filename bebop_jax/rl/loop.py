@@ -21,6 +21,11 @@ learner state (policy, optimizer, step), the MTP heads and their optimizer, the 
 metadata the next batch index (data position) and the dropped count. After kill -9 a restart loses
 at most one checkpoint interval. MTP heads: `frozen` (default), or updated on each batch with CE or
 TV (`online-ce`, `online-tv`) for the comparison.
+
+Held-out evaluation (`rl.eval_tasks` > 0, math): training draws from the environment's train split and
+`held_out_eval` scores fixed test-split problems with plain sampling before the first step, every
+`eval_every` steps and at the end (RUN/eval.jsonl, eval/* in tensorboard, the curves PNG): the
+per-step training reward is a mean over a few groups and too noisy to show progress on its own.
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ from bebop_jax.checkpoint import RunCheckpoints, load_mtp_heads
 from bebop_jax.config import Config, to_dict
 from bebop_jax.distributed import PreemptionGuard
 from bebop_jax.model import LoadedModel, load_model
-from bebop_jax.model.mtp import vocab_matrix
 from bebop_jax.model.transformer import TransformerConfig
 from bebop_jax.rl.actor import Actor
 from bebop_jax.rl.environments import make_environment
@@ -85,7 +89,7 @@ class _MTPUpdater:
         self.state = TrainState(jnp.int32(0), mtp_params, self.settings.optimizer().init(mtp_params))
 
     def update(self, params, traj) -> dict:
-        from bebop_jax.pretrain_mtp import train_step, vocab_index, with_trunk_hidden
+        from bebop_jax.pretrain_mtp import frozen_inputs, train_step, with_trunk_hidden
 
         tokens = jnp.asarray(traj.tokens)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -93,11 +97,7 @@ class _MTPUpdater:
         batch = with_trunk_hidden(params, dict(tokens=tokens, positions=positions, segment_ids=segments,
                                                completion=jnp.asarray(traj.loss_mask)),
                                   self.model.cfg, self.settings.temperature, self.draft_ids is not None)
-        w_vocab = vocab_matrix(self.model.cfg, params)
-        frozen = dict(embedding=params["embedding"], w_vocab=w_vocab)
-        if self.draft_ids is not None:  # the heads' sub-vocabulary, p exact (pretrain_mtp docstring)
-            frozen |= dict(w_vocab=w_vocab[self.draft_ids],
-                           vocab_index=vocab_index(self.draft_ids, self.model.cfg.vocab_size))
+        frozen = frozen_inputs(self.model.cfg, params, self.draft_ids)  # the policy's current matrices
         self.state, metrics = train_step(self.state, frozen, batch, cfg=self.model.cfg, mtp=self.mtp_cfg,
                                          settings=self.settings)
         return {"mtp_loss": float(metrics["loss"]), "mtp_alpha_1": float(metrics["alpha"][0])}
@@ -107,6 +107,33 @@ def _settings(cfg: Config) -> LearnerSettings:
     rl = cfg.rl
     return LearnerSettings(temperature=rl.temperature, clip_eps=rl.clip_eps, is_cap=rl.is_cap, kl_coef=rl.kl_coef,
                            learning_rate=rl.learning_rate)
+
+
+def _env_options(rl, split: str | None) -> dict:
+    """Keyword arguments of the config's environment (its source; the math level; a split if given)."""
+    options = {"source": rl.env_source} if rl.env_source else {}
+    if rl.environment == "math":
+        options["level"] = rl.math_level
+    return options if split is None else dict(options, split=split)
+
+
+def held_out_eval(cfg: Config, model: LoadedModel):
+    """`evaluate(params) -> {accuracy, reward, response_length}` on rl.eval_tasks fixed problems of the
+    environment's test split, one plain sample each at the rollout temperature, the same key every time
+    (so two evaluations differ by the policy, not by the noise)."""
+    rl = cfg.rl
+    env = make_environment(rl.environment, **_env_options(rl, "test"))
+    tasks = env.sample_tasks(np.random.default_rng([rl.seed, 2**31 - 1]), rl.eval_tasks)
+    actor = Actor(model, env, group_size=1, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                  mode="none", max_prompt_tokens=rl.max_prompt_tokens,
+                  max_seq_len=min(cfg.model.max_seq_len, model.cfg.max_position_embeddings))
+    key = jax.random.key(rl.seed + 1)
+
+    def evaluate(params) -> dict:
+        metrics = actor.rollout(params, 0, key, tasks)[1]
+        return {name: metrics[name] for name in ("accuracy", "reward", "response_length")}
+
+    return evaluate
 
 
 def _tasks(env, cfg: Config, index: int):
@@ -181,7 +208,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     learner_rules = sharding.make_rules(learner_mesh, cfg.mesh.rules, dims)
     actor_rules = sharding.make_rules(actor_mesh, cfg.mesh.rules, dims)
     if env is None:
-        env = make_environment(rl.environment, **({"source": rl.env_source} if rl.env_source else {}))
+        env = make_environment(rl.environment, **_env_options(rl, "train" if rl.eval_tasks else None))
     mtp_cfg = mtp_params = draft_ids = None
     if spec.mode != "none":
         if spec.mtp_checkpoint is None:
@@ -200,6 +227,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                   draft_ids=draft_ids, max_prompt_tokens=rl.max_prompt_tokens,
                   max_seq_len=min(cfg.model.max_seq_len, model.cfg.max_position_embeddings))
     num_groups = rl.prompts_per_step + 1
+    evaluate = held_out_eval(cfg, model) if rl.eval_tasks else None
 
     # The learner: its state on the learner mesh by logical axes; its two jitted functions bound to that mesh.
     settings = _settings(cfg)
@@ -237,6 +265,15 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
 
     writer = SummaryWriter(os.path.join(rl.run_dir, "tb"))
     history_file = open(os.path.join(rl.run_dir, "metrics.jsonl"), "a")
+
+    def run_eval(step: int) -> None:
+        with sharding.use_mesh(actor_mesh, actor_rules):
+            result = {"step": step, **evaluate(publish(state.params, actor_params_sh))}
+        for name in ("accuracy", "response_length"):
+            writer.add_scalar(f"eval/{name}", result[name], step)
+        with open(os.path.join(rl.run_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(result) + "\n")
+
     bar = tqdm(total=rl.steps, initial=start, desc=f"rl {rl.loop} {spec.mode}", disable=not progress)
     last_step = rl.steps if stop_at_step is None else min(rl.steps, stop_at_step)
     stop = threading.Event()
@@ -279,6 +316,8 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     t_start = time.perf_counter()
     step = start
     try:
+        if evaluate is not None and start == 0:
+            run_eval(0)
         with PreemptionGuard() as guard:
             while step < last_step:
                 if rl.loop == "sync":
@@ -323,6 +362,8 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.2f}",
                                 accept=f"{metrics.get('draft_acceptance_rate', float('nan')):.2f}")
+                if evaluate is not None and (step % rl.eval_every == 0 or step == rl.steps):
+                    run_eval(step)
                 if step % rl.checkpoint_every == 0 or step == last_step or guard.should_stop():
                     save(step)
                 if guard.should_stop():
@@ -336,24 +377,31 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
         writer.close()
         history_file.close()
         ckpt.close()
-    summary = _summarise(rl.run_dir)
+    summary = summarise_run(rl.run_dir)
     summary.update(steps=step, dropped=dropped, mode=spec.mode, loop=rl.loop)
     with open(os.path.join(rl.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
 
 
-def read_history(run_dir: str) -> list[dict]:
-    """The per-step metrics of a run (the last record of each step wins, across resumes)."""
+def _read_jsonl(path: str) -> list[dict]:
+    """Records with a "step" from a JSON-lines file (none if it is absent); the last of each step wins."""
+    if not os.path.isfile(path):
+        return []
     by_step = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    with open(path) as f:
         for line in f:
             record = json.loads(line)
             by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _summarise(run_dir: str) -> dict:
+def read_history(run_dir: str) -> list[dict]:
+    """The per-step metrics of a run (the last record of each step wins, across resumes)."""
+    return _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def summarise_run(run_dir: str) -> dict:
     """Curves PNG (reward, acceptance) and headline numbers of a run."""
     import matplotlib
 
@@ -365,7 +413,16 @@ def _summarise(run_dir: str) -> dict:
         return {}
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    axes[0].plot(steps, [h["reward"] for h in history], marker="o")
+    rewards = np.array([h["reward"] for h in history])
+    axes[0].plot(steps, rewards, marker="o", alpha=0.5, label="per step")
+    window = min(5, len(rewards))  # each step's reward is a mean over a few groups: noisy
+    axes[0].plot(steps[window - 1:], np.convolve(rewards, np.ones(window) / window, mode="valid"), color="C3",
+                 label=f"mean of {window} steps")
+    evals = _read_jsonl(os.path.join(run_dir, "eval.jsonl"))
+    if evals:
+        axes[0].plot([e["step"] for e in evals], [e["accuracy"] for e in evals], marker="s", color="k",
+                     label="held-out accuracy")
+    axes[0].legend(loc="upper left", fontsize="small")
     axes[0].set(xlabel="learner step", ylabel="mean reward", title="reward")
     if "draft_acceptance_rate" in history[0]:
         axes[1].plot(steps, [h["draft_acceptance_rate"] for h in history], marker="o", color="C0")
@@ -378,6 +435,9 @@ def _summarise(run_dir: str) -> dict:
     plt.close(fig)
     half = max(len(history) // 2, 1)
     mean = lambda key, part: float(np.mean([h[key] for h in part if key in h])) if any(key in h for h in part) else None  # noqa: E731
-    return {"reward_first_half": mean("reward", history[:half]), "reward_second_half": mean("reward", history[half:]),
-            "acceptance": mean("draft_acceptance_rate", history), "wall_s": history[-1]["wall_s"],
-            "curves": os.path.join(run_dir, "curves.png")}
+    summary = {"reward_first_half": mean("reward", history[:half]), "reward_second_half": mean("reward", history[half:]),
+               "acceptance": mean("draft_acceptance_rate", history), "wall_s": history[-1]["wall_s"],
+               "curves": os.path.join(run_dir, "curves.png")}
+    if evals:
+        summary["eval_accuracy"] = {int(e["step"]): e["accuracy"] for e in evals}
+    return summary
