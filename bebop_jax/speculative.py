@@ -263,6 +263,18 @@ class Rollout:
         return out
 
 
+def combine_rollouts(rollouts: list[Rollout]) -> Rollout:
+    """One Rollout of several calls' sequences (stacked on the batch axis) whose metrics pool them all.
+
+    Every call must share max_new_tokens and num_draft; emitted_per_step is dropped (steps differ).
+    """
+    cat = lambda name: np.concatenate([getattr(o, name) for o in rollouts])  # noqa: E731
+    return Rollout(tokens=cat("tokens"), num_tokens=cat("num_tokens"), logprobs=cat("logprobs"),
+                   entropies=cat("entropies"), verify_steps=cat("verify_steps"), accepted=cat("accepted"),
+                   accepted_at=np.sum([o.accepted_at for o in rollouts], axis=0),
+                   emitted_per_step=np.zeros((0, 0), np.int32))
+
+
 def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]], key: jax.Array, *,
                          mtp_params=None, mtp_cfg: MTPConfig | None = None, mode: str = "rejection",
                          num_draft: int = 3, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,

@@ -7,6 +7,7 @@ All training runs share one StepSettings (same loss, schedule and shapes), so th
 
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +170,28 @@ def test_interrupted_run_resumes_with_identical_losses(tiny, full_run, monkeypat
     jax.tree.map(np.testing.assert_array_equal, got_params, want_params)
     with pytest.raises(ValueError, match="pretrain.loss"):
         pretrain_mtp.train(_cfg(base, "interrupted", "pretrain.loss=ce"), model, progress=False)
+
+
+def test_sigterm_checkpoints_the_step_and_the_run_resumes(tiny, full_run, monkeypatch):
+    """A SIGTERM at step 23 (between checkpoints) saves step 23 and stops; running again finishes the run."""
+    model, base, _ = tiny
+    cfg = _cfg(base, "preempted")
+    check, previous = pretrain_mtp._check_finite, signal.getsignal(signal.SIGTERM)
+
+    def preempt_at_23(loss, step):
+        if step == 23:
+            os.kill(os.getpid(), signal.SIGTERM)
+        check(loss, step)
+
+    monkeypatch.setattr(pretrain_mtp, "_check_finite", preempt_at_23)
+    stopped = pretrain_mtp.train(cfg, model, progress=False)
+    monkeypatch.setattr(pretrain_mtp, "_check_finite", check)
+    assert stopped["stopped_at"] == 23 and [h["step"] for h in stopped["history"]][-1] == 23
+    assert RunCheckpoints(str(base / "preempted")).latest_step() == 23
+    assert signal.getsignal(signal.SIGTERM) == previous  # the guard put the previous handler back
+    resumed = pretrain_mtp.train(cfg, model, progress=False)
+    assert resumed["resumed_from"] == 23 and resumed["stopped_at"] is None
+    assert resumed["history"] == [h for h in full_run["history"] if h["step"] > 23]
 
 
 def test_hidden_cache_off_gives_the_same_run(tiny, full_run):

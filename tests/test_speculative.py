@@ -12,7 +12,7 @@ from scipy import stats
 from bebop_jax.generate import generate
 from bebop_jax.model.mtp import MTPConfig, init_mtp_params, teacher_forced_hidden, vocab_matrix
 from bebop_jax.model.transformer import Transformer, TransformerConfig, init_params
-from bebop_jax.speculative import speculative_generate
+from bebop_jax.speculative import combine_rollouts, speculative_generate
 
 PROMPT = [1, 2, 3]
 
@@ -175,3 +175,18 @@ def test_rules_share_one_compile_and_each_runs_its_own_branch():
     assert speculative.decode._cache_size() == size
     tokens = [first.tokens] + [r.tokens for r in others.values()]
     assert all(not np.array_equal(a, b) for a, b in itertools.combinations(tokens, 2))
+
+
+def test_combined_rollouts_pool_the_metrics_of_every_call():
+    """Two calls' metrics pooled by combine_rollouts equal the metrics of the counts summed by hand."""
+    cfg, params, mtp, mtp_params = _tiny(vocab=16, scale=3.0, mtp_steps=2)
+    calls = [speculative_generate(params, cfg, [PROMPT] * b, jax.random.key(b), mtp_params=mtp_params, mtp_cfg=mtp,
+                                  mode="rejection", num_draft=2, max_new_tokens=6) for b in (2, 3)]
+    both = combine_rollouts(calls)
+    assert both.tokens.shape == (5, 6) and both.num_tokens.shape == (5,)
+    steps = sum(int(r.verify_steps.sum()) for r in calls)
+    accepted = sum(int(r.accepted.sum()) for r in calls)
+    m = both.metrics(2)
+    assert m["draft_acceptance_rate"] == pytest.approx(accepted / (2 * steps))
+    assert m["draft_acceptance_rate_pos_1"] == pytest.approx(sum(int(r.accepted_at[1]) for r in calls) / steps)
+    assert m["tokens_per_step"] == pytest.approx((5 * 6 - 5) / steps)

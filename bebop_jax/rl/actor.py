@@ -17,7 +17,7 @@ import numpy as np
 
 from bebop_jax.model import LoadedModel
 from bebop_jax.rl.learner import Trajectories
-from bebop_jax.speculative import Rollout, speculative_generate
+from bebop_jax.speculative import combine_rollouts, speculative_generate
 
 
 def _bucket(n: int, multiple: int) -> int:
@@ -89,7 +89,7 @@ class Actor:
                    "response_length": generated / max(len(rows), 1),
                    "policy_entropy": float(np.mean(np.concatenate([o.entropies[o.tokens >= 0] for o in rollouts]))),
                    "rollout_tokens_per_s": generated / elapsed, "rollout_s": elapsed, "turns": len(rollouts)}
-        metrics.update(_combined(rollouts).metrics(self.num_draft))
+        metrics.update(combine_rollouts(rollouts).metrics(self.num_draft))
         metrics.update({f"reason_{k}": v for k, v in reasons.items()})
         return traj, metrics
 
@@ -116,12 +116,3 @@ def _cut_at_stop(tok, tokens: np.ndarray, stop: str | None) -> int:
     if stop is None or stop not in tok.decode(tokens):
         return len(tokens)
     return next(i for i in range(1, len(tokens) + 1) if stop in tok.decode(tokens[:i]))
-
-
-def _combined(rollouts: list[Rollout]) -> Rollout:
-    """One Rollout whose metrics cover every turn's call."""
-    cat = lambda name: np.concatenate([getattr(o, name) for o in rollouts])  # noqa: E731
-    return Rollout(tokens=cat("tokens"), num_tokens=cat("num_tokens"), logprobs=cat("logprobs"),
-                   entropies=cat("entropies"), verify_steps=cat("verify_steps"), accepted=cat("accepted"),
-                   accepted_at=np.sum([o.accepted_at for o in rollouts], axis=0),
-                   emitted_per_step=np.zeros((0, 0), np.int32))
