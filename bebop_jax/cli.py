@@ -189,11 +189,15 @@ def cmd_sample_data(args: argparse.Namespace) -> None:
 
 def cmd_pretrain_mtp(args: argparse.Namespace) -> None:
     cfg = _config_from_args(args, _PRETRAIN_FLAGS)
-    from bebop_jax.distributed import initialize
+    from bebop_jax.distributed import Preempted, initialize
     from bebop_jax.pretrain_mtp import train
 
     initialize(cfg.mesh)  # before any other JAX call: on a pod, every process joins one set of devices
-    summary = _user_errors(lambda: train(cfg))
+    try:
+        summary = _user_errors(lambda: train(cfg))
+    except Preempted as e:
+        print(e, file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
     summary.pop("history")
     print(json.dumps(summary, indent=2))
 

@@ -95,6 +95,16 @@ def to_global(local_batch: Any, global_batch: int, mesh: Mesh, rules: Rules) -> 
     return jax.tree.map(one, local_batch)
 
 
+class Preempted(Exception):
+    """A run stopped by SIGTERM after checkpointing `step`; running the same command again resumes it."""
+
+    exit_code = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended
+
+    def __init__(self, step: int):
+        super().__init__(f"signal received: checkpoint saved at step {step}; run the same command again to resume")
+        self.step = step
+
+
 class PreemptionGuard:
     """Turns SIGTERM (a TPU VM's preemption or maintenance notice) into a flag that loops poll.
 

@@ -14,8 +14,8 @@ linear warm-up and cosine decay, global-norm clipping; one jitted step with the 
 The step has no randomness (the draft losses are analytic), so a run's only RNG use is the head
 initialisation from `pretrain.seed` and its only other state is the grain iterator's: orbax
 checkpoints hold both (state pytree + iterator + meta) and a resumed run repeats the uninterrupted
-run's losses exactly. SIGTERM (a TPU VM's preemption) checkpoints the step under way and stops the run;
-running it again resumes. tensorboardX scalars, a tqdm bar; a non-finite loss stops the run naming the step.
+run's losses exactly. SIGTERM (a TPU VM's preemption) checkpoints the step under way and raises
+`distributed.Preempted` (the CLI exits 143); running it again resumes. tensorboardX scalars, a tqdm bar; a non-finite loss stops the run naming the step.
 
 Devices: the step runs on the `mesh.*` mesh over every device of every process (`bebop pretrain-mtp`
 starts `jax.distributed` first), jitted with shardings: the heads and their AdamW moments laid out by
@@ -451,13 +451,11 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
                     bar.set_postfix(loss=f"{loss:.4f}", a1=f"{scalars['alpha_1']:.3f}",
                                     len=f"{scalars['expected_length']:.3f}")
                 bar.update(1)
-                stop = guard.should_stop()  # every process, at the same step
+                stop = guard.should_stop() and step < pc.steps  # every process, at the same step
                 if step % pc.checkpoint_every == 0 or step == pc.steps or stop:
                     ckpt.save(step, state, data_iter, meta)  # every process its own shards and iterator
                 if stop:
                     stopped_at = step
-                    if lead:
-                        print(f"signal received: checkpoint saved at step {step}, exiting", flush=True)
                     break
             if start == pc.steps == 0:
                 ckpt.save(0, state, data_iter, meta)  # steps=0: keep the initial heads
@@ -466,10 +464,11 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
             if writer is not None:
                 writer.close()
             ckpt.close()
+    if stopped_at is not None:
+        raise distributed.Preempted(stopped_at)  # no summary.json: the run is not finished
     train_seconds = time.perf_counter() - t_loop
     last = jax.device_get(metrics)
-    summary = {"loss_kind": pc.loss, "steps": pc.steps, "resumed_from": start, "stopped_at": stopped_at,
-               "rows": len(rows),
+    summary = {"loss_kind": pc.loss, "steps": pc.steps, "resumed_from": start, "rows": len(rows),
                "init": pc.init, "draft_vocab": None if draft_ids is None else len(draft_ids),
                "origins_per_row": num_origins, "cache_hidden": pc.cache_hidden,
                "hidden_cache_seconds": round(cache_seconds, 2), "train_seconds": round(train_seconds, 2),

@@ -268,6 +268,8 @@ def combine_rollouts(rollouts: list[Rollout]) -> Rollout:
 
     Every call must share max_new_tokens and num_draft; emitted_per_step is dropped (steps differ).
     """
+    if not rollouts:
+        raise ValueError("combine_rollouts needs at least one Rollout")
     cat = lambda name: np.concatenate([getattr(o, name) for o in rollouts])  # noqa: E731
     return Rollout(tokens=cat("tokens"), num_tokens=cat("num_tokens"), logprobs=cat("logprobs"),
                    entropies=cat("entropies"), verify_steps=cat("verify_steps"), accepted=cat("accepted"),

@@ -19,6 +19,7 @@ from bebop_jax import eval_acceptance, pretrain_mtp
 from bebop_jax.checkpoint import RunCheckpoints, export_hf_with_mtp, load_mtp_heads
 from bebop_jax.cli import _PRETRAIN_FLAGS, _config_from_args, build_parser
 from bebop_jax.config import load_config
+from bebop_jax.distributed import Preempted
 from bebop_jax.losses import draft_loss
 from bebop_jax.model import LoadedModel, load_model
 from bebop_jax.model.mtp import MTPConfig, vocab_matrix
@@ -173,7 +174,7 @@ def test_interrupted_run_resumes_with_identical_losses(tiny, full_run, monkeypat
 
 
 def test_sigterm_checkpoints_the_step_and_the_run_resumes(tiny, full_run, monkeypatch):
-    """A SIGTERM at step 23 (between checkpoints) saves step 23 and stops; running again finishes the run."""
+    """A SIGTERM at step 23 (between checkpoints) saves step 23 and raises Preempted; running again finishes."""
     model, base, _ = tiny
     cfg = _cfg(base, "preempted")
     check, previous = pretrain_mtp._check_finite, signal.getsignal(signal.SIGTERM)
@@ -184,13 +185,15 @@ def test_sigterm_checkpoints_the_step_and_the_run_resumes(tiny, full_run, monkey
         check(loss, step)
 
     monkeypatch.setattr(pretrain_mtp, "_check_finite", preempt_at_23)
-    stopped = pretrain_mtp.train(cfg, model, progress=False)
+    with pytest.raises(Preempted) as stopped:
+        pretrain_mtp.train(cfg, model, progress=False)
     monkeypatch.setattr(pretrain_mtp, "_check_finite", check)
-    assert stopped["stopped_at"] == 23 and [h["step"] for h in stopped["history"]][-1] == 23
+    assert stopped.value.step == 23 and stopped.value.exit_code == 143
     assert RunCheckpoints(str(base / "preempted")).latest_step() == 23
+    assert not (base / "preempted" / "summary.json").exists()  # an unfinished run leaves no summary
     assert signal.getsignal(signal.SIGTERM) == previous  # the guard put the previous handler back
     resumed = pretrain_mtp.train(cfg, model, progress=False)
-    assert resumed["resumed_from"] == 23 and resumed["stopped_at"] is None
+    assert resumed["resumed_from"] == 23
     assert resumed["history"] == [h for h in full_run["history"] if h["step"] > 23]
 
 

@@ -179,14 +179,16 @@ def test_rules_share_one_compile_and_each_runs_its_own_branch():
 
 def test_combined_rollouts_pool_the_metrics_of_every_call():
     """Two calls' metrics pooled by combine_rollouts equal the metrics of the counts summed by hand."""
-    cfg, params, mtp, mtp_params = _tiny(vocab=16, scale=3.0, mtp_steps=2)
+    cfg, params, mtp, mtp_params = _tiny(vocab=6, scale=5.0, mtp_steps=2)
     calls = [speculative_generate(params, cfg, [PROMPT] * b, jax.random.key(b), mtp_params=mtp_params, mtp_cfg=mtp,
-                                  mode="rejection", num_draft=2, max_new_tokens=6) for b in (2, 3)]
+                                  mode="rejection", num_draft=2, max_new_tokens=12) for b in (16, 24)]
+    assert all((r.accepted_at > 0).all() for r in calls)  # both calls accept at both positions: pooling shows
     both = combine_rollouts(calls)
-    assert both.tokens.shape == (5, 6) and both.num_tokens.shape == (5,)
+    assert both.tokens.shape == (40, 12) and both.num_tokens.shape == both.verify_steps.shape == (40,)
     steps = sum(int(r.verify_steps.sum()) for r in calls)
     accepted = sum(int(r.accepted.sum()) for r in calls)
     m = both.metrics(2)
     assert m["draft_acceptance_rate"] == pytest.approx(accepted / (2 * steps))
-    assert m["draft_acceptance_rate_pos_1"] == pytest.approx(sum(int(r.accepted_at[1]) for r in calls) / steps)
-    assert m["tokens_per_step"] == pytest.approx((5 * 6 - 5) / steps)
+    for i in range(2):
+        assert m[f"draft_acceptance_rate_pos_{i}"] == pytest.approx(sum(int(r.accepted_at[i]) for r in calls) / steps)
+    assert m["tokens_per_step"] == pytest.approx((40 * 12 - 40) / steps)
