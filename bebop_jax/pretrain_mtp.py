@@ -15,7 +15,8 @@ The step has no randomness (the draft losses are analytic), so a run's only RNG 
 initialisation from `pretrain.seed` and its only other state is the grain iterator's: orbax
 checkpoints hold both (state pytree + iterator + meta) and a resumed run repeats the uninterrupted
 run's losses exactly. SIGTERM (a TPU VM's preemption) checkpoints the step under way and raises
-`distributed.Preempted` (the CLI exits 143); running it again resumes. tensorboardX scalars, a tqdm bar; a non-finite loss stops the run naming the step.
+`distributed.Preempted` (the CLI exits 143); running it again resumes. tensorboardX scalars, a tqdm
+bar; a non-finite loss stops the run naming the step.
 
 Devices: the step runs on the `mesh.*` mesh over every device of every process (`bebop pretrain-mtp`
 starts `jax.distributed` first), jitted with shardings: the heads and their AdamW moments laid out by

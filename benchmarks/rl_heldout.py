@@ -13,7 +13,6 @@ writes them) and redraws the run's curves PNG with them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import jax
@@ -21,7 +20,7 @@ import jax
 from bebop_jax.checkpoint import RunCheckpoints
 from bebop_jax.config import load_config
 from bebop_jax.model import load_model
-from bebop_jax.rl.loop import held_out_eval, summarise_run
+from bebop_jax.rl.loop import append_evals, held_out_eval, summarise_run
 from timing import write_result
 
 
@@ -39,17 +38,16 @@ def main():
         raise SystemExit(f"{args.run_dir}: no checkpoints")
     model = load_model(cfg.model.source, cfg.model.dtype)
     evaluate = held_out_eval(cfg, model)
-    rows = [dict(step=0, **evaluate(model.params))]
-    print(f"step 0: accuracy {rows[0]['accuracy']:.3f}, response length {rows[0]['response_length']:.1f}", flush=True)
-    for step in steps:
-        params = jax.tree.map(jax.numpy.asarray, ckpt.restore_raw(step)[0]["learner"]["params"])
+    rows = []
+    for step in [0, *steps]:  # step 0: the initial policy
+        params = model.params if step == 0 else jax.tree.map(
+            jax.numpy.asarray, ckpt.restore_raw(step)[0]["learner"]["params"])
         rows.append(dict(step=step, **evaluate(params)))
         print(f"step {step}: accuracy {rows[-1]['accuracy']:.3f}, response length {rows[-1]['response_length']:.1f}",
               flush=True)
     ckpt.close()
     write_result(os.path.join(args.run_dir, "heldout.json"), config=args.config, tasks=args.tasks, rows=rows)
-    with open(os.path.join(args.run_dir, "eval.jsonl"), "a") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    append_evals(args.run_dir, rows)
     print(f"curves: {summarise_run(args.run_dir)['curves']}")
 
 

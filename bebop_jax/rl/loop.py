@@ -271,8 +271,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
             result = {"step": step, **evaluate(publish(state.params, actor_params_sh))}
         for name in ("accuracy", "response_length"):
             writer.add_scalar(f"eval/{name}", result[name], step)
-        with open(os.path.join(rl.run_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(result) + "\n")
+        append_evals(rl.run_dir, [result])
 
     bar = tqdm(total=rl.steps, initial=start, desc=f"rl {rl.loop} {spec.mode}", disable=not progress)
     last_step = rl.steps if stop_at_step is None else min(rl.steps, stop_at_step)
@@ -394,6 +393,12 @@ def _read_jsonl(path: str) -> list[dict]:
             record = json.loads(line)
             by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
+
+
+def append_evals(run_dir: str, results: list[dict]) -> None:
+    """Adds held-out evaluations ({step, accuracy, reward, response_length}) to RUN/eval.jsonl."""
+    with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
 
 
 def read_history(run_dir: str) -> list[dict]:
