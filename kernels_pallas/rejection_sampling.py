@@ -26,7 +26,13 @@ test `u <= 0` fails and temperature 0 is exact greedy) and E = -log U[tiny, 1) i
 
 The O(B*K) decisions are shared jnp code; the vocabulary-wide work (residual masses and races, one
 pass over V) is `_residual_race_reference` (jnp) or `_residual_race_pallas` (kernel: grid over batch
-rows x vocab blocks). Left out on purpose: gradients (sampling is not differentiable, so no
+rows x vocab blocks, with a `pl.CostEstimate`). Under a `placement.Partition` the kernel runs per shard
+inside `shard_map`, rows over the row axes; where the vocabulary is split, each shard races its own
+slice and the shards combine: the residual masses by psum, the winners by an all-gather of each
+shard's best (score, token) [B, R] and an argmax over shards (the lowest shard wins ties, so the
+lowest vocabulary index does, as unsharded). That moves 2 x B x R numbers where gathering the
+probabilities would move 3 x B x R x V. The noise is drawn on the global arrays before the shard_map,
+so a sharded call emits exactly the tokens of an unsharded one. Left out on purpose: gradients (sampling is not differentiable, so no
 custom_vjp), top-k / top-p (callers pass already filtered probabilities), several sequences per grid
 step (one row per step keeps the kernel simple; a TPU tuning knob for later).
 
@@ -40,6 +46,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
+
+from kernels_pallas import placement
 
 MODES = ("rejection", "greedy_draft", "block")
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret")
@@ -143,8 +152,8 @@ def _race_kernel(draft_ref, scale_ref, p_ref, e_ref, *refs, greedy, block_v):
     _race_step(p / expo, cols, j * block_v, best_p_ref, token_p_ref)
 
 
-def _residual_race_pallas(mode, draft_tokens, scale, draft_probs, target_probs, expo, *, block_sizes, interpret):
-    """Same contract as `_residual_race_reference`, as a Pallas kernel over (batch row, vocab block)."""
+def _race_pallas_local(mode, draft_tokens, scale, draft_probs, target_probs, expo, *, block_sizes, interpret):
+    """The kernel on (a shard of) the rows and vocabulary: z[B,R] and each race's (best score, token)[B,R]."""
     batch, rows, vocab = target_probs.shape
     block_v = min(block_sizes.block_v, pl.cdiv(vocab, _LANES) * _LANES)
     pad = pl.cdiv(vocab, block_v) * block_v - vocab
@@ -157,17 +166,55 @@ def _residual_race_pallas(mode, draft_tokens, scale, draft_probs, target_probs, 
     vocab_spec = pl.BlockSpec((1, rows, block_v), lambda b, j: (b, 0, j))
     row_f32 = jax.ShapeDtypeStruct((batch, rows, 1), jnp.float32)
     row_i32 = jax.ShapeDtypeStruct((batch, rows, 1), jnp.int32)
-    z, _, token_res, _, token_p = pl.pallas_call(
+    elements = batch * rows * (vocab + pad)
+    outs = pl.pallas_call(
         functools.partial(_race_kernel, greedy=greedy, block_v=block_v),
         out_shape=(row_f32, row_f32, row_i32, row_f32, row_i32),
         grid=(batch, (vocab + pad) // block_v),
         in_specs=[row_spec, row_spec] + [vocab_spec] * len(vocab_inputs),
         out_specs=(row_spec,) * 5,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=pl.CostEstimate(flops=12 * elements, transcendentals=0,
+                                      bytes_accessed=4 * elements * len(vocab_inputs)),
         interpret=interpret,
     )(_draft_column(draft_tokens), scale[..., None], *vocab_inputs)  # outputs [B,R,1]
-    z = z[..., 0]
-    return z, jnp.where(z > 0, token_res[..., 0], token_p[..., 0])
+    return tuple(x[..., 0] for x in outs)  # z, best_res, token_res, best_p, token_p: [B,R] each
+
+
+def _best_over_shards(best, token, axis, shard_vocab):
+    """The winner over the vocab shards of `axis`: the highest score, the lowest shard on ties; global ids."""
+    token = token + jax.lax.axis_index(axis) * shard_vocab
+    bests, tokens = jax.lax.all_gather(best, axis), jax.lax.all_gather(token, axis)  # [S,B,R]
+    winner = jnp.argmax(bests, axis=0)[None]  # [1,B,R]
+    return jnp.take_along_axis(tokens, winner, axis=0)[0]
+
+
+def _residual_race_pallas(mode, draft_tokens, scale, draft_probs, target_probs, expo, *, block_sizes, interpret,
+                          partition=None):
+    """Same contract as `_residual_race_reference`, as a Pallas kernel over (batch row, vocab block), per
+    shard of `partition` when given (module docstring)."""
+    local = functools.partial(_race_pallas_local, mode, block_sizes=block_sizes, interpret=interpret)
+    if partition is None:
+        z, _, token_res, _, token_p = local(draft_tokens, scale, draft_probs, target_probs, expo)
+        return z, jnp.where(z > 0, token_res, token_p)
+    batch, vocab_axis = draft_tokens.shape[0], partition.vocab_axis
+    shard_vocab = target_probs.shape[-1] // partition.vocab_shards
+
+    def sharded(draft_tokens, scale, draft_probs, target_probs, expo):
+        if vocab_axis is not None and mode == "greedy_draft":  # the kernel compares drafts with local ids
+            draft_tokens = draft_tokens - jax.lax.axis_index(vocab_axis) * shard_vocab
+        z, best_res, token_res, best_p, token_p = local(draft_tokens, scale, draft_probs, target_probs, expo)
+        if vocab_axis is not None:
+            z = jax.lax.psum(z, vocab_axis)
+            token_res = _best_over_shards(best_res, token_res, vocab_axis, shard_vocab)
+            token_p = _best_over_shards(best_p, token_p, vocab_axis, shard_vocab)
+        return z, jnp.where(z > 0, token_res, token_p)
+
+    pad = lambda x: jnp.pad(x, ((0, -batch % partition.row_shards),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
+    rows, vocab = partition.rows(2), P(partition.row_axes or None, None, vocab_axis)
+    z, token = partition.shard_map(sharded, (rows, rows, vocab, vocab, vocab), (rows, rows))(
+        pad(draft_tokens), pad(scale), pad(draft_probs), pad(target_probs), pad(expo))
+    return z[:batch], token[:batch]
 
 
 def _decide(mode, draft_tokens, p_draft, q_draft, w, z, race_token, u):
@@ -212,19 +259,20 @@ def rejection_sample_reference(draft_tokens, draft_probs, target_probs, key, *, 
 
 
 def _rejection_sample_pallas(draft_tokens, draft_probs, target_probs, key, *, mode="rejection",
-                             block_sizes=BlockSizes(), interpret: bool = False):
+                             block_sizes=BlockSizes(), interpret: bool = False, partition=None):
     """`rejection_sample` with the vocabulary pass as a Pallas kernel (interpret=True runs it on CPU)."""
-    race = functools.partial(_residual_race_pallas, block_sizes=block_sizes, interpret=interpret)
+    race = functools.partial(_residual_race_pallas, block_sizes=block_sizes, interpret=interpret,
+                             partition=partition)
     return _sample(draft_tokens, draft_probs, target_probs, key, mode, race)
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "implementation"))
-def _rejection_sample_jit(draft_tokens, draft_probs, target_probs, key, mode, implementation):
+@functools.partial(jax.jit, static_argnames=("mode", "implementation", "partition"))
+def _rejection_sample_jit(draft_tokens, draft_probs, target_probs, key, mode, implementation, partition):
     """The compiled call behind `rejection_sample`; implementation is resolved (never None) here."""
     if implementation == "reference":
         return rejection_sample_reference(draft_tokens, draft_probs, target_probs, key, mode=mode)
     return _rejection_sample_pallas(draft_tokens, draft_probs, target_probs, key, mode=mode,
-                                    interpret=implementation == "pallas_interpret")
+                                    interpret=implementation == "pallas_interpret", partition=partition)
 
 
 def _validate(draft_tokens, draft_probs, target_probs, mode, implementation, check_values):
@@ -266,13 +314,15 @@ def _validate(draft_tokens, draft_probs, target_probs, mode, implementation, che
 
 
 def rejection_sample(draft_tokens, draft_probs, target_probs, key, *, mode="rejection", implementation=None,
-                     validate=True):
+                     validate=True, partition=None):
     """Verify K drafts per sequence; the emitted tokens are distributed exactly as sampling from p.
 
     draft_tokens[B,K] int, draft_probs[B,K,V] float (q_k, the distribution d_k was sampled from),
     target_probs[B,K+1,V] float (p_1..p_{K+1} from the verify forward), key: a jax PRNG key.
     mode: "rejection" | "greedy_draft" | "block" (see the module docstring); implementation: None
-    (Pallas kernel on TPU, jnp reference elsewhere), "reference", "pallas", "pallas_interpret".
+    (Pallas kernel on TPU, jnp reference elsewhere, by `placement.platform()`), "reference", "pallas",
+    "pallas_interpret"; partition: a `placement.Partition` of the rows and vocabulary (the Pallas kernel
+    under a jit over several devices), None for none.
     Returns tokens[B,K+1] int32 (the accepted drafts, then the correction or bonus token, then -1)
     and num_emitted[B] int32 in 1..K+1. Jittable with mode, implementation and validate static.
     Bad modes, shapes and dtypes always raise ValueError; validate=True also checks, on concrete
@@ -280,5 +330,12 @@ def rejection_sample(draft_tokens, draft_probs, target_probs, key, *, mode="reje
     """
     _validate(draft_tokens, draft_probs, target_probs, mode, implementation, check_values=validate)
     if implementation is None:
-        implementation = "pallas" if jax.default_backend() == "tpu" else "reference"
-    return _rejection_sample_jit(draft_tokens, draft_probs, target_probs, key, mode, implementation)
+        implementation = "pallas" if placement.platform() == "tpu" else "reference"
+    if partition is not None:
+        if implementation == "reference":
+            raise ValueError("partition is for the Pallas kernel (XLA partitions the reference itself); "
+                             "pass partition=None")
+        if jnp.shape(target_probs)[-1] % partition.vocab_shards:
+            raise ValueError(f"target_probs: the vocabulary {jnp.shape(target_probs)[-1]} does not split over the "
+                             f"{partition.vocab_shards} shards of mesh axis '{partition.vocab_axis}'")
+    return _rejection_sample_jit(draft_tokens, draft_probs, target_probs, key, mode, implementation, partition)

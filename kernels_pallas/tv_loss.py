@@ -27,6 +27,24 @@ vocab blocks; the CPU/GPU path; temporaries O(block_n x block_v)) and "pallas" (
 `pallas_call` per pass, grid (row blocks, vocab blocks) with the vocab axis sequential; tested
 with `interpret=True`). Rows and vocab are padded to whole blocks (padded logits are -inf).
 
+On a TPU the tiles come from the chip (`tpu_block_sizes`): the largest row block, then vocab block,
+whose double-buffered tiles and f32 temporaries fit the TensorCore's VMEM at this D and dtype (the
+kernels' scoped VMEM limit is raised to match); D is never split, since a 128-row vocab block of
+D = 8192 in f32 still fits. Each `pallas_call` carries a `pl.CostEstimate` so XLA's cost analysis
+counts it.
+
+Sharded: with a `placement.Partition` every pass runs per shard inside `shard_map`, rows over the
+partition's row axes; where the vocabulary is split too, each shard computes its vocab slice's partial
+log-normalisers, statistics and gradient, and the shards combine them with collectives between the
+passes (logsumexp of the lse's by pmax + psum, psum of alpha, <s, q>, <-s, p> and of d alpha / d h_d);
+d alpha / d W stays vocab-sharded and is summed over the row axes. That moves O(N) numbers per pass
+where gathering W would move V x D per step (1.2 GB of Qwen3-8B's bf16 head per device).
+
+With `target_logz` [N] (the log-normaliser of p over a larger vocabulary, `w_vocab` holding the rows of
+a draft sub-vocabulary) p is exp(W h_t / T - target_logz) on those rows only (not renormalised) and q a
+softmax over them; alpha's gradient in h_draft has the same form, since the softmax Jacobian annihilates
+the constant that sum_v p != 1 adds.
+
 Left out on purpose: gradients into h_target (stopped: the target is what the drafts learn to
 match), a differentiable temperature, the scalar losses built on alpha (TV = 1 - alpha, e2e TV;
 they live with the losses), and a GPU kernel (GPU runs the chunked path).
@@ -41,6 +59,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
+
+from kernels_pallas import placement
 
 IMPLEMENTATIONS = ("reference", "chunked", "pallas", "pallas_interpret")
 LANES = 128  # TPU kernels keep per-row statistics lane-replicated, [rows, LANES]
@@ -80,7 +101,34 @@ class BlockSizes:
 # (7 matmuls of [N, D] x [D, V] instead of 3: 1.6x slower here). benchmarks/tv_loss.py, N=4096,
 # D=576, V=49152 / 151936: temporaries 1/29 / 1/31 of plain, CPU time 0.85x / 0.77x of plain.
 CHUNKED_BLOCK_SIZES = BlockSizes(block_n=128, block_v=1 << 20)
-PALLAS_BLOCK_SIZES = BlockSizes()
+PALLAS_BLOCK_SIZES = BlockSizes()  # interpret mode, and the ceiling of `tpu_block_sizes`
+
+
+def _vmem_footprint(bn, bv, d, itemsize):
+    """Bytes of VMEM the largest pass holds at tiles (bn, bv): double-buffered h tiles [bn, D] x 2, a W
+    tile [bv, D], the resident f32 gradient block ([bn, D] in pass 3, [bv, D] in the W backward) and
+    the per-row statistics, plus ~8 f32 [bn, bv] temporaries (logits, p, q, signs, gradients)."""
+    buffers = 2 * bn * d * itemsize + bv * d * itemsize + max(bn, bv) * d * 4 + 8 * bn * LANES * 4
+    return 2 * buffers + 8 * bn * bv * 4
+
+
+def tpu_block_sizes(n, v, d, itemsize, vmem_bytes) -> BlockSizes:
+    """The largest block_n, then block_v (powers of two from PALLAS_BLOCK_SIZES down to 8 / 128) whose
+    footprint at width d and `itemsize`-byte operands fits `vmem_bytes`; blocks never exceed the padded
+    axes. Raises ValueError if not even (8, 128) fits."""
+    n_cap = pl.cdiv(n, 8) * 8
+    v_cap = pl.cdiv(v, LANES) * LANES
+    bn = PALLAS_BLOCK_SIZES.block_n
+    while bn >= 8:
+        bv = PALLAS_BLOCK_SIZES.block_v
+        while bv >= LANES:
+            block_n, block_v = min(bn, n_cap), min(bv, v_cap)
+            if _vmem_footprint(block_n, block_v, d, itemsize) <= vmem_bytes:
+                return BlockSizes(block_n, block_v)
+            bv //= 2
+        bn //= 2
+    raise ValueError(f"fused_acceptance: no TPU tiles fit {vmem_bytes / 2**20:.0f} MiB of VMEM at D={d} "
+                     f"with {itemsize}-byte operands")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +139,8 @@ class _Config:
     block_sizes: BlockSizes
     implementation: str
     grad_wrt_vocab: bool
+    partition: placement.Partition | None
+    vmem_limit: int | None  # the Pallas calls' scoped VMEM limit (bytes), None: Mosaic's default
 
 
 class _Stats(NamedTuple):
@@ -110,17 +160,21 @@ class _Stats(NamedTuple):
 
 
 def fused_acceptance_reference(h_draft, h_target, w_vocab, *, temperature=1.0, mask=None,
-                               grad_wrt_vocab=False):
+                               grad_wrt_vocab=False, target_logz=None):
     """The definition, holding both [N, V] logits in f32; arguments and gradients as the fused one.
 
-    h_draft, h_target: [N, D]; w_vocab: [V, D]; mask: [N] bool or None. Returns alpha [N] f32.
+    h_draft, h_target: [N, D]; w_vocab: [V, D]; mask: [N] bool or None; target_logz: [N] or None.
+    Returns alpha [N] f32.
     """
     w = w_vocab.astype(F32)  # [V, D]
     if not grad_wrt_vocab:
         w = lax.stop_gradient(w)
     h_t = lax.stop_gradient(h_target.astype(F32))  # [N, D]
     q = jax.nn.softmax(h_draft.astype(F32) @ w.T / temperature, axis=-1)  # [N, V]
-    p = jax.nn.softmax(h_t @ w.T / temperature, axis=-1)  # [N, V]
+    if target_logz is None:
+        p = jax.nn.softmax(h_t @ w.T / temperature, axis=-1)  # [N, V]
+    else:
+        p = jnp.exp(h_t @ w.T / temperature - lax.stop_gradient(target_logz.astype(F32))[:, None])  # [N, V]
     alpha = jnp.minimum(p, q).sum(-1)  # [N]
     return alpha if mask is None else jnp.where(mask, alpha, 0.0)
 
@@ -165,8 +219,8 @@ def _chunked_geometry(h_draft, w_vocab, block_sizes):
     return bn, bv, w.shape[0] // bv, w
 
 
-def _chunked_forward(h_draft, h_target, w_vocab, temperature, block_sizes, with_grad):
-    """Passes 1-3 in jnp. h_draft, h_target: [N, D]; w_vocab: [V, D].
+def _chunked_forward(h_draft, h_target, w_vocab, target_logz, temperature, block_sizes, with_grad):
+    """Passes 1-3 in jnp. h_draft, h_target: [N, D]; w_vocab: [V, D]; target_logz: [N] f32 or None.
 
     Returns (_Stats, d alpha / d h_draft [N, D] f32, or None without `with_grad`).
     """
@@ -175,7 +229,7 @@ def _chunked_forward(h_draft, h_target, w_vocab, temperature, block_sizes, with_
     bn, bv, n_vb, w_pad = _chunked_geometry(h_draft, w_vocab, block_sizes)
 
     def row_block(hs):
-        h_t, h_d = hs  # [bn, D] each
+        h_t, h_d, logz = hs  # [bn, D] each, [bn] (zeros without target_logz)
         h2 = jnp.concatenate([h_t, h_d])  # [2bn, D], one dot per tile for both models
 
         def w_block(j):
@@ -191,6 +245,9 @@ def _chunked_forward(h_draft, h_target, w_vocab, temperature, block_sizes, with_
         m, l = lax.fori_loop(0, n_vb, lse_step, init)
         lse = m + jnp.log(l)  # [2bn, 1]
         lse_p, lse_q = lse[:bn], lse[bn:]  # [bn, 1] each
+        if target_logz is not None:
+            lse_p = logz[:, None]
+            lse = jnp.concatenate([lse_p, lse_q])
 
         def probs(j):
             z = _tile_logits(h2, w_block(j), j * bv, v, temperature) - lse  # [2bn, bv]
@@ -215,7 +272,8 @@ def _chunked_forward(h_draft, h_target, w_vocab, temperature, block_sizes, with_
         return stats, lax.fori_loop(0, n_vb, grad_step, jnp.zeros((bn, d), F32))
 
     blocks = [_pad_rows(x, bn).reshape(-1, bn, d) for x in (h_target, h_draft)]  # [nb, bn, D]
-    stats, jac = lax.map(row_block, blocks)
+    logz = jnp.zeros((n,), F32) if target_logz is None else target_logz.astype(F32)
+    stats, jac = lax.map(row_block, blocks + [_pad_rows(logz, bn).reshape(-1, bn)])
     stats = _Stats(*(x.reshape(-1)[:n] for x in stats))
     return stats, None if jac is None else jac.reshape(-1, d)[:n]
 
@@ -346,39 +404,71 @@ def _lanes(x, bn):
     return jnp.broadcast_to(x[:, None], (x.shape[0], LANES))
 
 
-def _pallas_forward(h_draft, h_target, w_vocab, temperature, block_sizes, with_grad, interpret):
-    """Passes 1-3 as three pallas_calls; same contract as `_chunked_forward`."""
+def _cost(n, v, d, itemsize, bn, bv, dots, transcendentals, w_major=False):
+    """pl.CostEstimate of one pass over [n, v] tiles with `dots` [n, D] x [D, v]-sized matmuls: W is
+    re-read once per row block (per vocab block, the h tiles, when `w_major`)."""
+    h_bytes, w_bytes = 2 * n * d * itemsize, v * d * itemsize
+    streamed = (v // bv) * h_bytes + w_bytes * 5 if w_major else (n // bn) * w_bytes + h_bytes
+    return pl.CostEstimate(flops=2 * dots * n * v * d, transcendentals=transcendentals * n * v,
+                           bytes_accessed=int(streamed + 8 * n * LANES * 4))
+
+
+def _combine_lse(lse, axis):
+    """The log-normaliser over all vocab shards of `axis` from each shard's partial lse [Np, LANES]."""
+    m = lax.pmax(lse, axis)
+    return m + jnp.log(lax.psum(jnp.exp(lse - m), axis))
+
+
+def _pallas_forward(h_draft, h_target, w_vocab, target_logz, temperature, block_sizes, with_grad, interpret,
+                    vmem_limit=None, vocab_axis=None):
+    """Passes 1-3 as three pallas_calls; same contract as `_chunked_forward`. With `vocab_axis` (inside
+    shard_map) w_vocab is this shard's slice of the vocabulary and the shards' partial results are combined."""
     n, d = h_draft.shape
     v = w_vocab.shape[0]
     bn, bv = _pallas_geometry(h_draft, w_vocab, block_sizes)
     h_d, h_t, w = _pad_rows(h_draft, bn), _pad_rows(h_target, bn), _pad_rows(w_vocab, bv)
+    n_p, v_p, isz = h_d.shape[0], w.shape[0], h_d.dtype.itemsize
     row = pl.BlockSpec((bn, d), lambda i, j: (i, 0))
     vocab = pl.BlockSpec((bv, d), lambda i, j: (j, 0))
     stat = pl.BlockSpec((bn, LANES), lambda i, j: (i, 0))
-    stat_shape = jax.ShapeDtypeStruct((h_d.shape[0], LANES), F32)
+    stat_shape = jax.ShapeDtypeStruct((n_p, LANES), F32)
     call = functools.partial(
-        pl.pallas_call, grid=(h_d.shape[0] // bn, w.shape[0] // bv), interpret=interpret,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")))
+        pl.pallas_call, grid=(n_p // bn, v_p // bv), interpret=interpret,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                             vmem_limit_bytes=vmem_limit))
+    cost = functools.partial(_cost, n_p, v_p, d, isz, bn, bv)
     kw = dict(vocab_size=v, temperature=temperature)
 
     lse_p, lse_q = call(
         functools.partial(_lse_kernel, **kw), out_shape=[stat_shape] * 2,
-        in_specs=[row, row, vocab], out_specs=[stat] * 2,
+        in_specs=[row, row, vocab], out_specs=[stat] * 2, cost_estimate=cost(2, 2),
         scratch_shapes=[pltpu.VMEM((bn, LANES), F32)] * 4)(h_t, h_d, w)  # [Np, LANES] each
+    if vocab_axis is not None:
+        lse_p, lse_q = _combine_lse(lse_p, vocab_axis), _combine_lse(lse_q, vocab_axis)
+    if target_logz is not None:
+        lse_p = _lanes(target_logz, bn)
     alpha, sq, sp = call(
         functools.partial(_stats_kernel, **kw), out_shape=[stat_shape] * 3,
-        in_specs=[row, row, vocab, stat, stat], out_specs=[stat] * 3)(h_t, h_d, w, lse_p, lse_q)
+        in_specs=[row, row, vocab, stat, stat], out_specs=[stat] * 3,
+        cost_estimate=cost(2, 2))(h_t, h_d, w, lse_p, lse_q)
+    if vocab_axis is not None:
+        alpha, sq, sp = (lax.psum(x, vocab_axis) for x in (alpha, sq, sp))
     stats = _Stats(*(x[:n, 0] for x in (lse_p, lse_q, alpha, sq, sp)))
     if not with_grad:
         return stats, None
     jac = call(
         functools.partial(_grad_h_kernel, **kw), out_shape=jax.ShapeDtypeStruct(h_d.shape, F32),
-        in_specs=[row, row, vocab, stat, stat, stat], out_specs=row)(h_t, h_d, w, lse_p, lse_q, sq)
+        in_specs=[row, row, vocab, stat, stat, stat], out_specs=row,
+        cost_estimate=cost(3, 2))(h_t, h_d, w, lse_p, lse_q, sq)
+    if vocab_axis is not None:
+        jac = lax.psum(jac, vocab_axis)
     return stats, jac[:n]  # [N, D]
 
 
-def _pallas_grad_vocab(h_draft, h_target, w_vocab, stats, g, temperature, block_sizes, interpret):
-    """d (sum_n g_n alpha_n) / d w_vocab [V, D] f32 as one pallas_call, grid (vocab, rows)."""
+def _pallas_grad_vocab(h_draft, h_target, w_vocab, stats, g, temperature, block_sizes, interpret,
+                       vmem_limit=None, row_axes=()):
+    """d (sum_n g_n alpha_n) / d w_vocab [V, D] f32 as one pallas_call, grid (vocab, rows); with `row_axes`
+    (inside shard_map) summed over the row shards."""
     d = h_draft.shape[1]
     v = w_vocab.shape[0]
     bn, bv = _pallas_geometry(h_draft, w_vocab, block_sizes)
@@ -390,45 +480,86 @@ def _pallas_grad_vocab(h_draft, h_target, w_vocab, stats, g, temperature, block_
         functools.partial(_grad_w_kernel, vocab_size=v, temperature=temperature),
         out_shape=jax.ShapeDtypeStruct(w.shape, F32), grid=(w.shape[0] // bv, h_d.shape[0] // bn),
         in_specs=[row, row, vocab] + [stat] * 5, out_specs=vocab, interpret=interpret,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                             vmem_limit_bytes=vmem_limit),
+        cost_estimate=_cost(h_d.shape[0], w.shape[0], d, h_d.dtype.itemsize, bn, bv, 4, 2, w_major=True),
     )(h_t, h_d, w, *(_lanes(x, bn) for x in (stats.lse_p, stats.lse_q, stats.sq, stats.sp, g)))
-    return dw[:v]  # [V, D]
+    return lax.psum(dw[:v], row_axes) if row_axes else dw[:v]  # [V, D]
 
 
 # ----------------------------------------------------------------------------- custom VJP
 
 
-def _forward(h_draft, h_target, w_vocab, cfg, with_grad):
-    """Dispatches passes 1-3 to the configured implementation."""
-    args = (h_draft, h_target, w_vocab, cfg.temperature, cfg.block_sizes, with_grad)
+def _local_forward(h_draft, h_target, w_vocab, target_logz, cfg, with_grad):
+    """Passes 1-3 on one shard (or the whole arrays) by the configured implementation."""
+    args = (h_draft, h_target, w_vocab, target_logz, cfg.temperature, cfg.block_sizes, with_grad)
     if cfg.implementation == "chunked":
         return _chunked_forward(*args)
-    return _pallas_forward(*args, interpret=cfg.implementation == "pallas_interpret")
+    vocab_axis = cfg.partition.vocab_axis if cfg.partition else None
+    return _pallas_forward(*args, interpret=cfg.implementation == "pallas_interpret", vmem_limit=cfg.vmem_limit,
+                           vocab_axis=vocab_axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _acceptance(h_draft, h_target, w_vocab, cfg):
-    """alpha [N] f32 of h_draft, h_target [N, D] and w_vocab [V, D] (one common dtype)."""
-    return _forward(h_draft, h_target, w_vocab, cfg, with_grad=False)[0].alpha
+def _forward(h_draft, h_target, w_vocab, target_logz, cfg, with_grad):
+    """(_Stats of [N], d alpha / d h_draft [N, D] or None), per shard inside shard_map under a partition."""
+    part = cfg.partition
+    if part is None:
+        return _local_forward(h_draft, h_target, w_vocab, target_logz, cfg, with_grad)
+    n = h_draft.shape[0]
+    rows = [_pad_rows(x, part.row_shards) for x in (h_draft, h_target)]
+    specs = [part.rows(2), part.rows(2), P(part.vocab_axis, None)]
+    if target_logz is not None:
+        rows.append(_pad_rows(target_logz, part.row_shards))
+        specs.append(part.rows(1))
+
+    def local(h_d, h_t, w, *logz):
+        stats, jac = _local_forward(h_d, h_t, w, logz[0] if logz else None, cfg, with_grad)
+        return (stats, jac) if with_grad else stats
+
+    stats_spec = _Stats(*(part.rows(1),) * 5)
+    out = part.shard_map(local, tuple(specs), (stats_spec, part.rows(2)) if with_grad else stats_spec)(
+        rows[0], rows[1], w_vocab, *rows[2:])
+    stats, jac = out if with_grad else (out, None)
+    stats = _Stats(*(x[:n] for x in stats))
+    return stats, None if jac is None else jac[:n]
 
 
-def _acceptance_fwd(h_draft, h_target, w_vocab, cfg):
-    stats, jac = _forward(h_draft, h_target, w_vocab, cfg, with_grad=True)
-    return stats.alpha, (h_draft, h_target, w_vocab, stats, jac)
+def _grad_vocab(h_draft, h_target, w_vocab, stats, g, cfg):
+    """d (sum_n g_n alpha_n) / d w_vocab [V, D] f32, per shard (vocab-sharded, summed over rows) under a partition."""
+    if cfg.implementation == "chunked":
+        return _chunked_grad_vocab(h_draft, h_target, w_vocab, stats, g, cfg.temperature, cfg.block_sizes)
+    part = cfg.partition
+    kw = dict(temperature=cfg.temperature, block_sizes=cfg.block_sizes, vmem_limit=cfg.vmem_limit,
+              interpret=cfg.implementation == "pallas_interpret")
+    if part is None:
+        return _pallas_grad_vocab(h_draft, h_target, w_vocab, stats, g, **kw)
+    pad = functools.partial(_pad_rows, multiple=part.row_shards)  # padded rows get g = 0
+    local = functools.partial(_pallas_grad_vocab, row_axes=part.row_axes, **kw)
+    return part.shard_map(local, (part.rows(2), part.rows(2), P(part.vocab_axis, None), _Stats(*(part.rows(1),) * 5),
+                                  part.rows(1)), P(part.vocab_axis, None))(
+        pad(h_draft), pad(h_target), w_vocab, _Stats(*(pad(x) for x in stats)), pad(g))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _acceptance(h_draft, h_target, w_vocab, target_logz, cfg):
+    """alpha [N] f32 of h_draft, h_target [N, D], w_vocab [V, D] (one common dtype), target_logz [N] or None."""
+    return _forward(h_draft, h_target, w_vocab, target_logz, cfg, with_grad=False)[0].alpha
+
+
+def _acceptance_fwd(h_draft, h_target, w_vocab, target_logz, cfg):
+    stats, jac = _forward(h_draft, h_target, w_vocab, target_logz, cfg, with_grad=True)
+    return stats.alpha, (h_draft, h_target, w_vocab, target_logz, stats, jac)
 
 
 def _acceptance_bwd(cfg, residuals, g):
-    h_draft, h_target, w_vocab, stats, jac = residuals
+    h_draft, h_target, w_vocab, target_logz, stats, jac = residuals
     g = g.astype(F32)  # [N]
     d_draft = (g[:, None] * jac).astype(h_draft.dtype)  # [N, D]
+    d_logz = None if target_logz is None else jnp.zeros_like(target_logz)
     if not cfg.grad_wrt_vocab:
-        return d_draft, jnp.zeros_like(h_target), jnp.zeros_like(w_vocab)
-    args = (h_draft, h_target, w_vocab, stats, g, cfg.temperature, cfg.block_sizes)
-    if cfg.implementation == "chunked":
-        d_vocab = _chunked_grad_vocab(*args)
-    else:
-        d_vocab = _pallas_grad_vocab(*args, interpret=cfg.implementation == "pallas_interpret")
-    return d_draft, jnp.zeros_like(h_target), d_vocab.astype(w_vocab.dtype)
+        return d_draft, jnp.zeros_like(h_target), jnp.zeros_like(w_vocab), d_logz
+    d_vocab = _grad_vocab(h_draft, h_target, w_vocab, stats, g, cfg)
+    return d_draft, jnp.zeros_like(h_target), d_vocab.astype(w_vocab.dtype), d_logz
 
 
 _acceptance.defvjp(_acceptance_fwd, _acceptance_bwd)
@@ -437,7 +568,8 @@ _acceptance.defvjp(_acceptance_fwd, _acceptance_bwd)
 # ----------------------------------------------------------------------------- public entry
 
 
-def _check_inputs(h_draft, h_target, w_vocab, temperature, mask, block_sizes, implementation):
+def _check_inputs(h_draft, h_target, w_vocab, temperature, mask, block_sizes, implementation, target_logz,
+                  grad_wrt_vocab, partition):
     """Raises ValueError / TypeError naming the offending argument."""
     for name, x in (("h_draft", h_draft), ("h_target", h_target), ("w_vocab", w_vocab)):
         if jnp.ndim(x) != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
@@ -455,15 +587,27 @@ def _check_inputs(h_draft, h_target, w_vocab, temperature, mask, block_sizes, im
     if mask is not None and (jnp.shape(mask) != h_draft.shape[:1] or mask.dtype != jnp.bool_):
         raise ValueError(f"mask must be a bool array of shape [N] = [{h_draft.shape[0]}], got "
                          f"{mask.dtype}{list(jnp.shape(mask))}")
+    if target_logz is not None:
+        if jnp.shape(target_logz) != h_draft.shape[:1]:
+            raise ValueError(f"target_logz must be [N] = [{h_draft.shape[0]}], got {list(jnp.shape(target_logz))}")
+        if grad_wrt_vocab:
+            raise ValueError("grad_wrt_vocab needs p normalised over w_vocab: not available with target_logz")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes)}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, "
                          f"got {implementation!r}")
+    if partition is not None:
+        if implementation not in ("pallas", "pallas_interpret"):
+            raise ValueError(f"partition is for the Pallas kernels (XLA partitions the {implementation!r} path "
+                             "itself); pass partition=None")
+        if w_vocab.shape[0] % partition.vocab_shards:
+            raise ValueError(f"w_vocab's {w_vocab.shape[0]} rows do not split over the {partition.vocab_shards} "
+                             f"shards of mesh axis '{partition.vocab_axis}'")
 
 
 def fused_acceptance(h_draft, h_target, w_vocab, *, temperature=1.0, mask=None, block_sizes=None,
-                     grad_wrt_vocab=False, implementation=None):
+                     grad_wrt_vocab=False, implementation=None, target_logz=None, partition=None):
     """alpha[N] = sum_v min(p, q) with p = softmax(W h_target / T), q = softmax(W h_draft / T).
 
     Args:
@@ -474,31 +618,45 @@ def fused_acceptance(h_draft, h_target, w_vocab, *, temperature=1.0, mask=None, 
       temperature: positive Python float T.
       mask: [N] bool or None; masked rows give alpha 0 and zero gradient (their inputs may hold
         anything, NaN included).
-      block_sizes: BlockSizes or None for the implementation's default.
+      block_sizes: BlockSizes or None for the implementation's default (on a TPU: `tpu_block_sizes`).
       grad_wrt_vocab: differentiate through w_vocab as well.
-      implementation: None (TPU -> "pallas", else "chunked"), "reference", "chunked", "pallas",
-        "pallas_interpret" (the TPU kernels run by the Pallas interpreter, for CPU tests).
+      implementation: None (TPU -> "pallas", else "chunked", by `placement.platform()`), "reference",
+        "chunked", "pallas", "pallas_interpret" (the TPU kernels run by the Pallas interpreter, for CPU tests).
+      target_logz: [N] f32 or None: p's log-normaliser over the full vocabulary when w_vocab holds the
+        rows of a draft sub-vocabulary (module docstring); no gradient.
+      partition: placement.Partition or None: how the operands are laid out over a mesh (Pallas only;
+        required under a jit over several TPU devices).
 
     Returns:
       alpha [N] f32, in [0, 1] up to rounding. Inputs of mixed dtypes are promoted to one; all
       arithmetic past the matmuls is f32.
     """
     if implementation is None:
-        implementation = "pallas" if jax.default_backend() == "tpu" else "chunked"
+        implementation = "pallas" if placement.platform() == "tpu" else "chunked"
     mask = None if mask is None else jnp.asarray(mask)
-    _check_inputs(h_draft, h_target, w_vocab, temperature, mask, block_sizes, implementation)
+    _check_inputs(h_draft, h_target, w_vocab, temperature, mask, block_sizes, implementation, target_logz,
+                  grad_wrt_vocab, partition)
     if implementation == "reference":
         return fused_acceptance_reference(h_draft, h_target, w_vocab, temperature=temperature,
-                                          mask=mask, grad_wrt_vocab=grad_wrt_vocab)
+                                          mask=mask, grad_wrt_vocab=grad_wrt_vocab, target_logz=target_logz)
+    dtype = jnp.result_type(h_draft, h_target, w_vocab)
+    vmem_limit = None
+    if block_sizes is None and implementation == "pallas":
+        n_local = pl.cdiv(h_draft.shape[0], partition.row_shards) if partition else h_draft.shape[0]
+        v_local = w_vocab.shape[0] // (partition.vocab_shards if partition else 1)
+        vmem_limit = int(placement.vmem_budget() / placement.VMEM_SHARE * 0.9)
+        block_sizes = tpu_block_sizes(n_local, v_local, h_draft.shape[1], jnp.dtype(dtype).itemsize,
+                                      placement.vmem_budget())
     if block_sizes is None:
         block_sizes = CHUNKED_BLOCK_SIZES if implementation == "chunked" else PALLAS_BLOCK_SIZES
     if implementation != "chunked":
         block_sizes.check_tpu()
-    dtype = jnp.result_type(h_draft, h_target, w_vocab)
     h_d, h_t, w = (x.astype(dtype) for x in (h_draft, h_target, w_vocab))
+    logz = None if target_logz is None else jnp.asarray(target_logz, F32)
     if mask is not None:  # zeroed rows keep masked garbage out of the kernels and the gradient
         h_d = jnp.where(mask[:, None], h_d, 0)  # [N, D]
         h_t = jnp.where(mask[:, None], h_t, 0)  # [N, D]
-    cfg = _Config(float(temperature), block_sizes, implementation, bool(grad_wrt_vocab))
-    alpha = _acceptance(h_d, h_t, w, cfg)  # [N]
+        logz = None if logz is None else jnp.where(mask, logz, 0.0)
+    cfg = _Config(float(temperature), block_sizes, implementation, bool(grad_wrt_vocab), partition, vmem_limit)
+    alpha = _acceptance(h_d, h_t, w, logz, cfg)  # [N]
     return alpha if mask is None else jnp.where(mask, alpha, 0.0)
