@@ -239,6 +239,8 @@ def cmd_rl(args: argparse.Namespace) -> None:
 _PLAN_FLAGS = {
     "--devices": ("plan.devices", dict(type=int, help="devices of the target slice (v5p: chips)")),
     "--hbm-gib": ("plan.hbm_gib", dict(type=float, help="memory per device in GiB (v5p: 95)")),
+    "--accelerator": ("plan.accelerator", dict(help="compile for this TPU slice on the TPU compiler (v5litepod-8, "
+                                                    "v5p-64, v6e-16, ...; needs libtpu: pip install -e '.[tpu]')")),
 }
 
 

@@ -262,8 +262,18 @@ class PlanConfig:
     hbm_gib: float = 95.0  # memory per device (TPU v5p: 95 GiB)
     compile_layers: tuple[int, ...] = ()  # () = the full depth; two depths [a, b]: compile those, extrapolate linearly
     steps: tuple[Literal["learner", "prefill", "decode", "mtp"], ...] = ("learner", "prefill", "decode", "mtp")
+    # A TPU slice as gcloud names it (v5litepod-8, v5p-64, v6e-16): compile on the TPU compiler for its
+    # topology; devices and HBM then come from the topology (plan.devices / plan.hbm_gib are not used).
+    accelerator: str = ""
 
     def __post_init__(self):
+        if self.accelerator:
+            from bebop_jax.tpu import accelerator
+
+            try:
+                accelerator(self.accelerator)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         _check_positive("plan", self, "devices")
         if not self.steps:
             raise ConfigError("config key 'plan.steps': expected at least one of learner, prefill, decode, mtp")

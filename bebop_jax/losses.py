@@ -28,6 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bebop_jax import sharding
 from kernels_pallas.tv_loss import fused_acceptance
 
 LOSSES = ("ce", "kl", "tv", "e2e_tv")
@@ -74,16 +75,9 @@ def acceptance(h_draft, h_target, w_vocab, temperature: float = 1.0, mask=None, 
     """alpha = sum_v min(p, q) per row [N] (the analytic acceptance), through the fused kernel; with
     `target_logz` [N] (p's full-vocabulary log-normaliser) over the draft sub-vocabulary `w_vocab` [Vd,D]."""
     h_target = jax.lax.stop_gradient(h_target)
-    if target_logz is None:
-        return fused_acceptance(h_draft, h_target, w_vocab, temperature=temperature, mask=mask,
-                                implementation=implementation)
-
-    def fn(hd, ht, logz):
-        logq = jax.nn.log_softmax(jnp.einsum("ND,VD->NV", hd, w_vocab, preferred_element_type=jnp.float32)
-                                  / temperature, axis=-1)
-        logp = jnp.einsum("ND,VD->NV", ht, w_vocab, preferred_element_type=jnp.float32) / temperature - logz[:, None]
-        return jnp.sum(jnp.minimum(jnp.exp(logp), jnp.exp(logq)), axis=-1)
-    return _row_chunks(fn, h_draft, h_target, jax.lax.stop_gradient(target_logz))
+    logz = None if target_logz is None else jax.lax.stop_gradient(target_logz)
+    return fused_acceptance(h_draft, h_target, w_vocab, temperature=temperature, mask=mask,
+                            implementation=implementation, target_logz=logz, partition=sharding.kernel_partition())
 
 
 def expected_accepted(alphas, masks):

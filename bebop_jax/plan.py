@@ -181,14 +181,23 @@ def build_learner(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step
                 {"params": state.params, "optimizer": state.opt_state})
 
 
+def in_compute_dtype(boxed_tree, dtype) -> Any:
+    """Floating leaves of a tree of (boxed) ShapeDtypeStructs in `dtype`: the actor's published weights."""
+    def cast(x):
+        return jax.ShapeDtypeStruct(x.shape, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(cast, boxed_tree)
+
+
 def _rollout_inputs(cfg: Config, model: TransformerConfig, shapes: Shapes):
     """(prefill's boxed args, prefill with its static settings, those settings, the boxed SpecState)."""
-    mtp = MTPConfig(cfg.mtp.num_steps, cfg.mtp.num_layers)
+    mtp = MTPConfig(max(cfg.mtp.num_steps, shapes.num_draft), cfg.mtp.num_layers)
     B = shapes.rollout_rows
-    params, heads = sharding.abstract_params(model), sharding.abstract_heads(model, mtp)
+    params, heads = (in_compute_dtype(t, model.compute_dtype)
+                     for t in (sharding.abstract_params(model), sharding.abstract_heads(model, mtp)))
     args = (params, heads, _rows((B, shapes.prompt_len), jnp.int32), _rows((B,), jnp.int32),
             jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.float32))
-    static = dict(cfg=model, mtp_cfg=mtp, num_draft=shapes.num_draft, greedy=False, top_p=1.0, eos_ids=())
+    static = dict(cfg=model, mtp_cfg=mtp if shapes.num_draft else None, num_draft=shapes.num_draft, greedy=False,
+                  top_p=1.0, eos_ids=())
     fill = functools.partial(prefill, max_new_tokens=shapes.new_tokens, cache_len=shapes.cache_len, **static)
     state = _boxed_spec_state(jax.eval_shape(fill, *nn.meta.unbox(args)))
     return args, fill, static, state
@@ -268,17 +277,24 @@ def counted_bytes(cfg: Config, name: str, mesh=None, rules=None) -> dict[str, in
     return {c: per_device_bytes(step.counted.get(c, ()), mesh, rules) for c in CATEGORIES}
 
 
-def compile_step(step: Step, mesh: Mesh, rules: sharding.Rules) -> dict[str, float]:
-    """Lowers and compiles `step` on `mesh`; XLA's per-device byte counts and the seconds it took."""
+def compile_step(step: Step, mesh: Mesh, rules: sharding.Rules, lower_on=None) -> dict[str, float]:
+    """Lowers and compiles `step` on `mesh` (lowered with `lower_on` as the default device: a compile-only TPU
+    device, `tpu.lowering_for`); the compiler's per-device byte counts, its cost analysis (flops, bytes
+    accessed), `pallas` = 1.0 where a Pallas (Mosaic) kernel is in the program, and the seconds it took."""
     t0 = time.perf_counter()
     jitted = sharding.sharded_jit(step.fn, mesh, rules,
                                   in_shardings=sharding.logical_to_sharding(step.args, mesh, rules),
                                   out_shardings=sharding.logical_to_sharding(step.out, mesh, rules),
                                   donate_argnums=step.donate)
-    m = jitted.lower(*sharding.sharded_abstract(step.args, mesh, rules)).compile().memory_analysis()
+    args = sharding.sharded_abstract(step.args, mesh, rules)
+    with jax.default_device(lower_on):
+        compiled = jitted.lower(*args).compile()
+    m, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
     return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
             "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-            "seconds": time.perf_counter() - t0}
+            "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+            "pallas": float("tpu_custom_call" in compiled.as_text()), "seconds": time.perf_counter() - t0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,15 +311,20 @@ class StepPlan:
     temporaries_per_layer: int | None  # the slope of the extrapolation (None when compiled at the full depth)
     compiled_layers: tuple[int, ...]  # trunk depths compiled (none for the mtp step)
     compile_seconds: float
+    flops: float = 0.0  # per device, the compiler's cost analysis (a while loop's body counted once)
+    bytes_accessed: float = 0.0
+    pallas: bool = False  # a Pallas kernel is in the compiled program
 
     @property
     def total(self) -> int:
         return self.params + self.optimizer + self.kv_cache + self.io + self.temporaries
 
 
-def plan_step(cfg: Config, name: str, mesh: Mesh, rules: sharding.Rules) -> StepPlan:
-    """Compiles step `name` (at two depths and extrapolates, or at the full depth) and splits its bytes."""
-    model, shapes = architecture(cfg.plan.model, cfg.model.dtype), Shapes.from_config(cfg)
+def plan_step(cfg: Config, name: str, mesh: Mesh, rules: sharding.Rules, shapes: Shapes | None = None,
+              lower_on=None) -> StepPlan:
+    """Compiles step `name` (at two depths and extrapolates, or at the full depth) and splits its bytes;
+    `shapes` overrides the config's, `lower_on` as in `compile_step`."""
+    model, shapes = architecture(cfg.plan.model, cfg.model.dtype), shapes or Shapes.from_config(cfg)
     full, layers = model.num_layers, cfg.plan.compile_layers
     if name not in TRUNK_DEPTH_MATTERS:
         depths = ()  # the heads only: compiled once
@@ -311,7 +332,7 @@ def plan_step(cfg: Config, name: str, mesh: Mesh, rules: sharding.Rules) -> Step
         depths = layers
     else:
         depths = (full,)
-    sizes = [compile_step(STEPS[name](cfg, dataclasses.replace(model, num_layers=d), shapes), mesh, rules)
+    sizes = [compile_step(STEPS[name](cfg, dataclasses.replace(model, num_layers=d), shapes), mesh, rules, lower_on)
              for d in depths or (full,)]
     slope = None
     if len(sizes) == 2:  # linear in the depth: a + (b - a) / (db - da) * (full - da)
@@ -320,11 +341,13 @@ def plan_step(cfg: Config, name: str, mesh: Mesh, rules: sharding.Rules) -> Step
         slope = int(round((b["temporaries"] - a["temporaries"]) / (db - da)))
     else:
         at_full = sizes[0]
-    counted = counted_bytes(cfg, name, mesh, rules)
+    step = STEPS[name](cfg, model, shapes)
+    counted = {c: per_device_bytes(step.counted.get(c, ()), mesh, rules) for c in CATEGORIES}
     io = at_full["arguments"] + at_full["outputs"] - at_full["aliased"] - sum(counted.values())
     return StepPlan(name, shapes.describe(name), counted["params"], counted["optimizer"], counted["kv_cache"],
                     int(round(io)), int(round(at_full["temporaries"])), slope, depths,
-                    sum(s["seconds"] for s in sizes))
+                    sum(s["seconds"] for s in sizes), at_full["flops"], at_full["bytes_accessed"],
+                    all(s["pallas"] for s in sizes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +390,8 @@ def format_report(cfg: Config, plans: list[StepPlan]) -> str:
     if any(len(p.compiled_layers) == 2 for p in plans):
         lines.append(f"trunk steps compiled at {' and '.join(map(str, cfg.plan.compile_layers))} layers, every size "
                      f"extrapolated linearly to {model.num_layers}.")
-    lines.append("bytes from XLA:CPU's buffer assignment of the sharded program (TPU fusion and the Pallas kernels "
-                 "differ: leave headroom).")
+    lines.append("bytes from XLA:CPU's buffer assignment of the sharded program, the fallback without libtpu (TPU "
+                 "fusion and the Pallas kernels differ: leave headroom; `--accelerator` compiles on the TPU compiler).")
     return "\n".join(lines)
 
 
@@ -381,6 +404,10 @@ def _fake_devices_ready(n: int) -> bool:
 def run(cfg: Config, out=sys.stdout) -> list[StepPlan] | None:
     """Plans every step of `cfg` and prints the report; re-executes in a subprocess with plan.devices fake CPU
     devices when this process lacks them (then returns None). Bad settings raise before any compile."""
+    if cfg.plan.accelerator:
+        from bebop_jax import plan_tpu
+
+        return plan_tpu.run(cfg, out)[0]
     model = architecture(cfg.plan.model, cfg.model.dtype)
     Shapes.from_config(cfg)
     sharding.mesh_shape(cfg.mesh, cfg.plan.devices)

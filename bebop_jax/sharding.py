@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from bebop_jax.config import MeshConfig
 from bebop_jax.model.mtp import MTPConfig, MTPHeads
 from bebop_jax.model.transformer import Transformer, TransformerConfig
+from kernels_pallas.placement import Partition, platform
 
 AXES = ("data", "fsdp", "tensor")
 MeshAxes = str | tuple[str, ...] | None
@@ -244,6 +245,20 @@ def param_shardings(cfg: TransformerConfig, mesh: Mesh, rules: Rules) -> dict:
 def shard_params(params: dict, cfg: TransformerConfig, mesh: Mesh, rules: Rules) -> dict:
     """Places the trunk's parameters (host or device arrays, identical on every process) on the mesh."""
     return jax.device_put(params, param_shardings(cfg, mesh, rules))
+
+
+def kernel_partition() -> Partition | None:
+    """How the Pallas kernels' operands lie on the current mesh and rules (`use_mesh`): rows over
+    `activation_batch`'s mesh axes, the vocabulary over `vocab`'s. None off TPU (XLA partitions the jnp
+    paths itself) and on one device. Call it while tracing a step under `use_mesh`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if platform() != "tpu" or mesh.empty or mesh.size == 1:
+        return None
+    rows, vocab = (_as_tuple(a) for a in nn.logical_to_mesh_axes(("activation_batch", "vocab")))
+    if len(vocab) > 1:
+        raise ValueError(f"mesh.rules split the vocabulary over {vocab}; the Pallas kernels take at most one "
+                         "mesh axis for it")
+    return Partition(mesh, rows, vocab[0] if vocab else None)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bebop_jax import sampling
+from bebop_jax import sampling, sharding
 from bebop_jax.generate import cache_length_for, check_lengths, pad_prompts
 from bebop_jax.model.mtp import MTPConfig, MTPHeads, init_mtp_cache, vocab_matrix
 from bebop_jax.model.transformer import Transformer, TransformerConfig, init_cache, vocab_logits
@@ -200,7 +200,8 @@ def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, ru
         target_probs = sampling.probs_from_logits(target_logits, temperature, top_p)
         if K > 0:
             out, n_out = jax.lax.switch(rule, [functools.partial(rejection_sample, mode=m, implementation=sampler,
-                                                                 validate=False) for m in RULES],
+                                                                 validate=False, partition=sharding.kernel_partition())
+                                               for m in RULES],
                                         drafts, draft_probs, target_probs, k_verify)
         else:
             out = sampling.sample(k_verify, target_logits, temperature, top_p)  # [B, 1]
