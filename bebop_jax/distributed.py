@@ -17,7 +17,8 @@ processes agree on, so that they save the same step and exit.
 
 from __future__ import annotations
 
-import importlib.util
+import glob
+import os
 import signal
 import threading
 from collections.abc import Sequence
@@ -33,14 +34,16 @@ from bebop_jax.config import MeshConfig
 from bebop_jax.sharding import Rules, batch_sharding
 
 
-def tpu_runtime_installed() -> bool:
-    """True where libtpu is installed (`jax[tpu]`, as launch/setup.sh installs it on TPU VMs)."""
-    return importlib.util.find_spec("libtpu") is not None
+def tpu_chips_present(dev: str = "/dev") -> bool:
+    """True where this host has TPU chips (their device files, as libtpu finds them: /dev/accel* on v4 and
+    v5e, /dev/vfio/<n> on v5p and v6e). Not whether libtpu is installed: a CPU host compiling for TPU
+    (`bebop plan --accelerator`, CI) has the package and no chips. Read before JAX starts a backend."""
+    return bool(glob.glob(os.path.join(dev, "accel*")) or glob.glob(os.path.join(dev, "vfio", "[0-9]*")))
 
 
 def initialize(mesh_cfg: MeshConfig) -> None:
     """Starts `jax.distributed` from `mesh.coordinator_address/num_processes/process_id`, or, where
-    those are unset and the TPU runtime is installed, from the TPU environment; otherwise (one
+    those are unset and this host has TPU chips, from the TPU environment; otherwise (one
     process on CPU or GPU) does nothing. Call it before any other JAX call; calling it again is a no-op.
     """
     if jax.distributed.is_initialized():
@@ -48,7 +51,7 @@ def initialize(mesh_cfg: MeshConfig) -> None:
     if mesh_cfg.num_processes is not None:
         jax.distributed.initialize(coordinator_address=mesh_cfg.coordinator_address,
                                    num_processes=mesh_cfg.num_processes, process_id=mesh_cfg.process_id)
-    elif tpu_runtime_installed():
+    elif tpu_chips_present():
         jax.distributed.initialize()
 
 

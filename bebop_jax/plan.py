@@ -6,9 +6,10 @@ the compiled per-device program gives its argument, output, aliased and temporar
 
     learner  `rl.learner.learner_step`: trunk forward + backward + AdamW on one RL batch [rows, length]
     prefill  `speculative.prefill`: one rollout batch of prompts into a fresh KV cache
-    decode   `speculative.decode`: the verify loop (K drafts, one trunk forward of K + 1 tokens over
-             the KV cache, rejection sampling); its state, KV cache included, is donated
-    mtp      `pretrain_mtp.train_step`: the MTP heads on cached trunk hidden states
+    decode   `speculative.decode_step`: one step of the verify loop (K drafts, one trunk forward of K + 1
+             tokens over the KV cache, rejection sampling); its state, KV cache included, is donated
+    mtp      `pretrain_mtp.train_step`: the MTP heads on cached trunk hidden states (on the rows of a
+             draft sub-vocabulary of pretrain.draft_vocab ids when > 0)
 
 Shapes come from the run's config: RL rows = rl.prompts_per_step x rl.group_size (single-turn),
 length and cache as the actor pads them, K = speculative.num_draft, the MTP step at
@@ -36,6 +37,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,7 +57,7 @@ from bebop_jax.model.transformer import CACHE_AXES, KVCache, TransformerConfig
 from bebop_jax.model.weights import config_from_hf
 from bebop_jax.pretrain_mtp import StepSettings, TrainState, train_step
 from bebop_jax.rl.learner import LearnerSettings, LearnerState, Trajectories, learner_step
-from bebop_jax.speculative import decode, prefill
+from bebop_jax.speculative import decode_step, prefill
 
 # Architectures by name, as their HF config.json says (Qwen/Qwen3-*; all untied above 4B).
 _QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, num_key_value_heads=8, rope_theta=1000000.0,
@@ -211,7 +213,7 @@ def build_prefill(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step
 
 def build_decode(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step:
     args, _, static, state = _rollout_inputs(cfg, model, shapes)
-    return Step(functools.partial(decode, **static), (args[0], args[1], state, args[-1]), state, (2,),
+    return Step(functools.partial(decode_step, **static), (args[0], args[1], state, args[-1]), state, (2,),
                 {"params": args[:2], "kv_cache": (state.trunk_cache, state.mtp_cache)})
 
 
@@ -220,13 +222,16 @@ def build_mtp(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step:
     settings = StepSettings.from_config(cfg.pretrain, num_origins=shapes.mtp_len)
     heads = sharding.abstract_heads(model, mtp)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), heads, jax.eval_shape(settings.optimizer().init, heads))
-    V, D = model.vocab_size, model.hidden_size
+    V, D, Vd = model.vocab_size, model.hidden_size, cfg.pretrain.draft_vocab
     frozen = {"embedding": _box((V, D), jnp.float32, ("vocab", "embed")),
-              "w_vocab": _box((V, D), jnp.float32, ("vocab", "embed"))}
+              "w_vocab": _box((Vd or V, D), jnp.float32, ("vocab", "embed"))}
     B, T = shapes.mtp_rows, shapes.mtp_len
     batch = {"hidden": _box((B, T, D), jnp.bfloat16, ("activation_batch", "activation_length", "activation_embed")),
              "tokens": _rows((B, T), jnp.int32), "positions": _rows((B, T), jnp.int32),
              "segment_ids": _rows((B, T), jnp.int32), "completion": _rows((B, T), jnp.bool_)}
+    if Vd:  # a draft sub-vocabulary: its rows of the LM head, the full-vocabulary index and log-normalisers
+        frozen["vocab_index"] = jax.ShapeDtypeStruct((V,), jnp.int32)
+        batch["target_logz"] = _rows((B, T), jnp.float32)
     return Step(functools.partial(train_step, cfg=model, mtp=mtp, settings=settings), (state, frozen, batch),
                 (state, None), (0,),
                 {"params": (state.params, frozen), "optimizer": state.opt_state})
@@ -277,6 +282,39 @@ def counted_bytes(cfg: Config, name: str, mesh=None, rules=None) -> dict[str, in
     return {c: per_device_bytes(step.counted.get(c, ()), mesh, rules) for c in CATEGORIES}
 
 
+_SHAPE = re.compile(r"(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([0-9,]*)\]")
+_ITEMSIZE = dict(pred=1, s8=1, u8=1, s16=2, u16=2, bf16=2, f16=2, s32=4, u32=4, f32=4, s64=8, u64=8, f64=8)
+
+
+def _shape_bytes(text: str) -> int:
+    m = _SHAPE.match(text)
+    return math.prod(int(d) for d in m.group(2).split(",") if d) * _ITEMSIZE[m.group(1)]
+
+
+def scatter_overcount(hlo: str) -> int:
+    """Bytes that XLA's cost analysis counts beyond what a fusion's in-place scatters move.
+
+    It counts a fusion by its operands and outputs whole, so a scatter at a fusion's root into one of
+    its parameters (a KV-cache write, done in place: the buffers alias) reads and writes the whole
+    cache; it moves its updates, twice. `hlo`: the compiled program's text (`compiled.as_text()`).
+    """
+    over = 0
+    for comp in re.split(r"\n(?=%)", hlo):
+        defs, params = {}, set()
+        for line in comp.split("\n"):
+            m = re.match(r"\s*(ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\((.*)", line)
+            if not m:
+                continue
+            root, name, shape, op, rest = m.groups()
+            defs[name] = shape
+            if op == "parameter":
+                params.add(name)
+            operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+            if op == "scatter" and root and len(operands) >= 3 and operands[0] in params:
+                over += 2 * (_shape_bytes(shape) - _shape_bytes(defs[operands[2]]))
+    return over
+
+
 def compile_step(step: Step, mesh: Mesh, rules: sharding.Rules, lower_on=None) -> dict[str, float]:
     """Lowers and compiles `step` on `mesh` (lowered with `lower_on` as the default device: a compile-only TPU
     device, `tpu.lowering_for`); the compiler's per-device byte counts, its cost analysis (flops, bytes
@@ -293,7 +331,8 @@ def compile_step(step: Step, mesh: Mesh, rules: sharding.Rules, lower_on=None) -
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
     return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
             "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-            "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+            "flops": float(cost.get("flops", 0.0)),
+            "bytes_accessed": float(cost.get("bytes accessed", 0.0)) - scatter_overcount(compiled.as_text()),
             "pallas": float("tpu_custom_call" in compiled.as_text()), "seconds": time.perf_counter() - t0}
 
 

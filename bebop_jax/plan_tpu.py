@@ -10,8 +10,7 @@ kernels, each inside shard_map), so the figures are the TPU compiler's:
   `jnp` where the step has none (learner, prefill);
 - a roofline time per step, max(flops / peak bf16 FLOP/s, bytes accessed / HBM bandwidth), from
   `cost_analysis()` (every pallas_call carries a pl.CostEstimate, so the kernels count). The decode
-  program is one `lax.while_loop` whose body XLA's cost analysis counts once: its figures are one
-  verify step's;
+  step is one verify step (`speculative.decode_step`, the body of the decode loop);
 - for decode, the roofline time of a plain step (K = 0) against a K-draft verify step, K = 1..4, and
   the speed-up speculative decoding would then give at per-draft acceptance a: E[tokens per step] /
   (verify step / plain step), E[tokens] = 1 + a + ... + a^K.
@@ -109,7 +108,7 @@ def format_report(cfg: Config, acc: tpu.Accelerator, chip: tpu.ChipInfo, plans: 
                        f"{p.compile_seconds:.0f}"))
     lines += _columns(table, left=(0, 1, 9, 10, 14, 15))
     lines.append("kernels: pallas = the Pallas kernels compiled in (decode: rejection sampling; mtp: fused acceptance); "
-                 "jnp = the step has no kernel. decode's figures are one verify step (the while loop's body).")
+                 "jnp = the step has no kernel. decode is one verify step (the decode loop's body).")
     if spec:
         plain = spec[0]
         lines += ["", f"speculative decoding on {chip.kind} (roofline per verify step, "

@@ -157,15 +157,9 @@ def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, emb
     return jnp.stack(toks, axis=1), jnp.stack(probs, axis=1), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mtp_cfg", "num_draft", "greedy", "top_p", "eos_ids",
-                                             "sampler"), donate_argnums=(2,))
-def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, rule=0, *, cfg, mtp_cfg, num_draft,
-           greedy, top_p, eos_ids, sampler=None) -> SpecState:
-    """Verify steps until every sequence is done (num_draft = 0: plain decoding).
-
-    temperature as in `prefill`; draft_ids [Vd] (optional): the draft sub-vocabulary; rule: int32 [],
-    the index in RULES of the verification rule (traced); `sampler`: the rejection_sample implementation.
-    """
+def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, *, cfg, mtp_cfg, num_draft, greedy, top_p,
+                 eos_ids, sampler):
+    """(cond, body) of the verify loop over SpecStates whose tokens are `shape` = [B, N + R]."""
     temperature = 0.0 if greedy else temperature
     forward, logits, embed, mtp_step = _fns(cfg, mtp_cfg)
     if draft_ids is None:
@@ -175,7 +169,7 @@ def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, ru
 
         def draft_logits(h):
             return vocab_logits(h, w_draft)  # [B, Vd]
-    B, width = state.tokens.shape
+    B, width = shape
     K, R = num_draft, num_draft + 1
     N = width - R
     rows = jnp.arange(B)
@@ -236,7 +230,34 @@ def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, ru
                                                 & active[:, None], axis=0).astype(jnp.int32),
             emitted_per_step=s.emitted_per_step.at[s.step].set(count))
 
+    return cond, body
+
+
+_DECODE_STATIC = ("cfg", "mtp_cfg", "num_draft", "greedy", "top_p", "eos_ids", "sampler")
+
+
+@functools.partial(jax.jit, static_argnames=_DECODE_STATIC, donate_argnums=(2,))
+def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, rule=0, *, cfg, mtp_cfg, num_draft,
+           greedy, top_p, eos_ids, sampler=None) -> SpecState:
+    """Verify steps until every sequence is done (num_draft = 0: plain decoding).
+
+    temperature as in `prefill`; draft_ids [Vd] (optional): the draft sub-vocabulary; rule: int32 [],
+    the index in RULES of the verification rule (traced); `sampler`: the rejection_sample implementation.
+    """
+    cond, body = _verify_loop(params, mtp_params, state.tokens.shape, temperature, draft_ids, rule, cfg=cfg,
+                              mtp_cfg=mtp_cfg, num_draft=num_draft, greedy=greedy, top_p=top_p, eos_ids=eos_ids,
+                              sampler=sampler)
     return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, static_argnames=_DECODE_STATIC, donate_argnums=(2,))
+def decode_step(params, mtp_params, state: SpecState, temperature, draft_ids=None, rule=0, *, cfg, mtp_cfg,
+                num_draft, greedy, top_p, eos_ids, sampler=None) -> SpecState:
+    """One verify step of `decode` (its loop's body), arguments as there: what `bebop plan` costs per step."""
+    _, body = _verify_loop(params, mtp_params, state.tokens.shape, temperature, draft_ids, rule, cfg=cfg,
+                           mtp_cfg=mtp_cfg, num_draft=num_draft, greedy=greedy, top_p=top_p, eos_ids=eos_ids,
+                           sampler=sampler)
+    return body(state)
 
 
 @flax.struct.dataclass

@@ -147,8 +147,19 @@ def test_preemption_guard_in_one_process():
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def test_tpu_chips_are_found_by_their_device_files_not_by_libtpu(tmp_path):
+    assert not distributed.tpu_chips_present(str(tmp_path))
+    (tmp_path / "vfio").mkdir()
+    (tmp_path / "vfio" / "vfio").touch()  # the control node alone: no chip
+    assert not distributed.tpu_chips_present(str(tmp_path))
+    (tmp_path / "vfio" / "0").touch()
+    assert distributed.tpu_chips_present(str(tmp_path))
+    (tmp_path / "accel0").touch()
+    assert distributed.tpu_chips_present(str(tmp_path))
+
+
 def test_one_process_without_config_stays_single():
-    distributed.initialize(MeshConfig())  # no coordinator keys, no libtpu here: nothing to start
-    assert jax.process_count() == 1 and not distributed.tpu_runtime_installed()
+    distributed.initialize(MeshConfig())  # no coordinator keys, no TPU chips here (libtpu may be): nothing to start
+    assert jax.process_count() == 1 and not distributed.tpu_chips_present()
     mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
     assert distributed.data_shard(8, mesh, sharding.make_rules(mesh)) == (0, 1)

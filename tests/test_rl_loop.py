@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -195,3 +197,14 @@ def test_held_out_problems_come_from_the_test_split_and_training_from_the_rest()
     assert all(_in_split(t.messages[0]["content"], "test", 0.1) for t in test)
     assert not any(_in_split(t.messages[0]["content"], "test", 0.1) for t in train)
     assert {t.messages[0]["content"] for t in test}.isdisjoint(t.messages[0]["content"] for t in train)
+
+
+def test_publish_hands_the_actor_weights_in_the_compute_dtype():
+    from bebop_jax.rl.loop import publish
+
+    tree = {"w": jnp.ones((4, 4), jnp.float32), "step": jnp.int32(3)}
+    shardings = jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0]), tree)
+    out = publish(tree, shardings, jnp.bfloat16)
+    assert out["w"].dtype == jnp.bfloat16 and out["step"].dtype == jnp.int32
+    assert publish(tree, shardings)["w"].dtype == jnp.float32
+    assert out["w"].unsafe_buffer_pointer() != tree["w"].unsafe_buffer_pointer()

@@ -95,8 +95,8 @@ def init_mtp_params(cfg: TransformerConfig, mtp: MTPConfig, key: jax.Array) -> d
 
 
 def init_mtp_cache(cfg: TransformerConfig, mtp: MTPConfig, batch: int, length: int) -> tuple[KVCache, ...]:
-    """One empty KV cache per MTP layer, [B, length, K, H] each."""
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    """One empty KV cache per MTP layer, [B, K, length, H] each."""
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     return tuple(KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
                  for _ in range(mtp.num_layers))
 

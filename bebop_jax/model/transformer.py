@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas.placement import platform
+
 Axes = tuple[str | None, ...]
 
 
@@ -78,7 +80,8 @@ class TransformerConfig:
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of one attention layer: k, v [B, S, K, H]."""
+    """Keys and values of one attention layer: k, v [B, K, S, H] (heads before slots: the layout both
+    attention einsums read without a transpose, as MaxText's kvcache orders it)."""
 
     k: jax.Array
     v: jax.Array
@@ -86,12 +89,12 @@ class KVCache:
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> tuple[KVCache, ...]:
     """An empty cache of `length` slots per sequence, one KVCache per layer."""
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     dtype = dtype or cfg.compute_dtype
     return tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
 
 
-CACHE_AXES: Axes = ("cache_batch", "cache_length", "cache_kv_heads", "head_dim")
+CACHE_AXES: Axes = ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")
 
 
 def rope_inv_freq(cfg: TransformerConfig) -> np.ndarray:
@@ -173,29 +176,30 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is None:
-            keys, values, key_pos = k, v, positions  # key_pos [B, S=T]
+            keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, S=T, H]
             valid = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
             if segment_ids is not None:
                 valid &= segment_ids[:, None, :] == segment_ids[:, :, None]
         else:
             batch_idx = jnp.arange(x.shape[0])[:, None]  # [B, 1]
+            # [B, K, S, H] indexed at (b, :, positions[b, t]): the update is [B, T, K, H], k's own layout
             cache = KVCache(
-                k=cache.k.at[batch_idx, positions].set(k.astype(cache.k.dtype), mode="drop"),
-                v=cache.v.at[batch_idx, positions].set(v.astype(cache.v.dtype), mode="drop"),
+                k=cache.k.at[batch_idx, :, positions].set(k.astype(cache.k.dtype), mode="drop"),
+                v=cache.v.at[batch_idx, :, positions].set(v.astype(cache.v.dtype), mode="drop"),
             )
             cache = KVCache(nn.with_logical_constraint(cache.k, CACHE_AXES),
                             nn.with_logical_constraint(cache.v, CACHE_AXES))
             keys, values = cache.k.astype(dt), cache.v.astype(dt)
-            slots = jnp.arange(keys.shape[1])  # [S]
+            slots = jnp.arange(keys.shape[2])  # [S]
             valid = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
 
         B, T = x.shape[:2]
         qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, keys, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(H)
         scores = jnp.where(valid[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(B, T, N, H)
+        out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values).reshape(B, T, N, H)
         y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
         return y, cache
 
@@ -283,11 +287,12 @@ def vocab_logits(hidden, w_vocab, compute_dtype=jnp.float32):
     On CPU, XLA's dot of a few rows (a verify step's K+1 positions, a small batch) against a wide
     matrix like the LM head runs far below the memory bound (2.5-6x a 1-row product at 4 rows); the
     same product written as a fused multiply-reduce over the rows of W reads W once and is ~2x faster
-    there (`benchmarks/lm_head.py`). Other row counts and other backends use the dot.
+    there (`benchmarks/lm_head.py`). Other row counts and other platforms (`placement.platform()`: the
+    one being compiled for) use the dot; on a TPU the multiply-reduce would convert and re-read W in f32.
     """
     rows = math.prod(hidden.shape[:-1])
     w = w_vocab.astype(compute_dtype)
-    if jax.default_backend() == "cpu" and FEW_ROWS[0] <= rows <= FEW_ROWS[1]:
+    if platform() == "cpu" and FEW_ROWS[0] <= rows <= FEW_ROWS[1]:
         flat = hidden.reshape(rows, hidden.shape[-1]).astype(jnp.float32)
         out = jnp.sum(w.astype(jnp.float32)[:, None, :] * flat[None], axis=-1)  # [V, rows]
         return out.T.reshape(*hidden.shape[:-1], w.shape[0])

@@ -153,12 +153,16 @@ def place_learner(params, settings: LearnerSettings, shardings: LearnerState) ->
     return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
 
 
-def publish(tree, shardings):
+def publish(tree, shardings, dtype=None):
     """A copy of `tree` (the policy's or the heads' parameters) laid out by `shardings` (the actor's): a
     reshard across the device sets, or a copy where actor and learner share devices (and so shardings);
     never an alias, as the learner step donates its parameters while the actor may still sample with
     the published ones. (jax's device_put may alias when it replicates a one-device array over several
-    devices: place the learner's parameters with `place_learner`, not with this.)"""
+    devices: place the learner's parameters with `place_learner`, not with this.) With `dtype` (the run's
+    compute dtype) floating leaves are published in it: the actor decodes from bf16 weights where the
+    run computes in bf16, reading half the bytes of the learner's f32 master copy per token."""
+    if dtype is not None:
+        tree = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
     return jax.device_put(tree, shardings, may_alias=False)
 
 
@@ -268,7 +272,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
 
     def run_eval(step: int) -> None:
         with sharding.use_mesh(actor_mesh, actor_rules):
-            result = {"step": step, **evaluate(publish(state.params, actor_params_sh))}
+            result = {"step": step, **evaluate(publish(state.params, actor_params_sh, model.cfg.compute_dtype))}
         for name in ("accuracy", "response_length"):
             writer.add_scalar(f"eval/{name}", result[name], step)
         append_evals(rl.run_dir, [result])
@@ -309,7 +313,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
 
     thread = None
     if rl.loop == "async" and start < last_step:
-        published = _Published(publish(state.params, actor_params_sh), actor_heads, start)
+        published = _Published(publish(state.params, actor_params_sh, model.cfg.compute_dtype), actor_heads, start)
         thread = threading.Thread(target=actor_thread, args=(next_batch,), daemon=True, name="actor")
         thread.start()
     t_start = time.perf_counter()
@@ -320,7 +324,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
         with PreemptionGuard() as guard:
             while step < last_step:
                 if rl.loop == "sync":
-                    index, traj, am = produce(next_batch, publish(state.params, actor_params_sh), actor_heads, step)
+                    index, traj, am = produce(next_batch, publish(state.params, actor_params_sh, model.cfg.compute_dtype), actor_heads, step)
                 else:
                     while True:
                         if errors:
@@ -353,7 +357,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                     if updater is not None:
                         actor_heads = publish(updater.state.params, actor_heads_sh)
                     if rl.loop == "async":
-                        published.publish(publish(state.params, actor_params_sh), actor_heads, step)
+                        published.publish(publish(state.params, actor_params_sh, model.cfg.compute_dtype), actor_heads, step)
                 for name, value in metrics.items():
                     writer.add_scalar(f"rl/{name}", value, step)
                 history_file.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -1,0 +1,183 @@
+"""TPU programs compiled by the TPU compiler (libtpu) for compile-only devices, on this CPU host.
+
+Nothing here runs on a TPU: each test lowers and compiles, and checks what the compiler reports (that
+it compiles at all, that the Pallas kernels are in the program, the bytes it moves). The kernels at
+SmolLM2 / Qwen3-0.6B / Qwen3-8B widths on v5e, v5p and v6e; the four steps of a Qwen3-0.6B run (at one
+layer: depth changes no kernel and no sharding) on a 2 x 2 fsdp x tensor mesh of each generation; the
+plan's roofline bytes of a plain decode step against a hand count of its weights and KV cache.
+Skipped, saying why, where libtpu is not installed (`pip install -e ".[tpu]"`; `make test` installs it).
+"""
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bebop_jax import plan, plan_tpu, sharding, tpu
+from bebop_jax.config import ConfigError, load_config
+from kernels_pallas import rejection_sampling as rs
+from kernels_pallas import tv_loss as tv
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu (the TPU compiler) is not installed: pip install -e '.[tpu]'")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GENERATIONS = {"v5e": "v5litepod-4", "v5p": "v5p-8", "v6e": "v6e-4"}
+WIDTHS = {"smollm2": (576, 49152), "qwen3-0.6b": (1024, 151936), "qwen3-8b": (4096, 151936)}
+
+
+@pytest.fixture(scope="module", params=list(GENERATIONS))
+def slice4(request):
+    """(Accelerator, its 4 compile-only devices) of one generation."""
+    acc = tpu.accelerator(GENERATIONS[request.param])
+    return acc, tpu.compile_only_devices(acc)
+
+
+def _compile_on(device, fn, *args):
+    with jax.default_device(device):
+        lowered = jax.jit(fn).lower(*args)
+    return lowered.compile()
+
+
+def test_accelerator_types_parse_as_gcloud_spells_them():
+    assert tpu.accelerator("v5p-64") == tpu.Accelerator("v5p-64", "v5p", 32, "v5p:2x4x4")
+    assert tpu.accelerator("v5litepod-8").topology == "v5e:2x4"
+    assert tpu.accelerator("v6e-256").chips == 256
+    for bad in ("v5p-63", "v5p-7", "v4-8", "tpu", "v6e-3"):
+        with pytest.raises(ValueError, match=r"config key 'plan.accelerator': .*expected one of v5litepod-1, "):
+            tpu.accelerator(bad)
+
+
+def test_chip_figures_come_from_the_topology(slice4):
+    acc, devices = slice4
+    chip = tpu.chip_info(devices[0])
+    hbm_gib = {"v5e": 16, "v5p": 95, "v6e": 32}[acc.generation]
+    assert chip.kind == f"TPU {acc.generation}" and abs(chip.hbm_bytes / 2**30 - hbm_gib) < 1.5
+    assert chip.bf16_flops_per_s > 1e14 and chip.hbm_bytes_per_s > 5e11
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_fused_acceptance_value_and_gradient_compile_at_model_widths(slice4, width):
+    """Value + gradient in bf16 (and f32 at the widest), tiles sized from the chip's VMEM."""
+    _, devices = slice4
+    d, v = WIDTHS[width]
+    dtypes = (jnp.bfloat16, jnp.float32) if width == "qwen3-8b" else (jnp.bfloat16,)
+    for dtype in dtypes:
+        h = jax.ShapeDtypeStruct((2048, d), dtype)
+        w = jax.ShapeDtypeStruct((v, d), dtype)
+
+        def value_and_grad(a, b, c):
+            return jax.value_and_grad(lambda a: tv.fused_acceptance(a, b, c, implementation="pallas").sum())(a)
+
+        compiled = _compile_on(devices[0], value_and_grad, h, h, w)
+        assert compiled.as_text().count("tpu_custom_call") >= 3  # the three passes
+
+
+def test_fused_acceptance_gradient_wrt_vocab_compiles_at_8192(slice4):
+    _, devices = slice4
+    h = jax.ShapeDtypeStruct((1024, 8192), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((151936, 8192), jnp.bfloat16)
+    grad = jax.grad(lambda a, b, c: tv.fused_acceptance(a, b, c, implementation="pallas", grad_wrt_vocab=True).sum(),
+                    argnums=(0, 2))
+    assert "tpu_custom_call" in _compile_on(devices[0], grad, h, h, w).as_text()
+
+
+def test_tpu_tiles_fit_the_chips_vmem():
+    vmem = 64 * 2**20 * 3 // 4  # v5p's budget
+    for d, itemsize in ((576, 2), (4096, 2), (8192, 2), (8192, 4)):
+        bs = tv.tpu_block_sizes(4096, 151936, d, itemsize, vmem)
+        assert tv._vmem_footprint(bs.block_n, bs.block_v, d, itemsize) <= vmem
+        assert bs.block_n % 8 == 0 and bs.block_v % 128 == 0
+    assert tv.tpu_block_sizes(4096, 151936, 576, 2, vmem) == tv.PALLAS_BLOCK_SIZES  # narrow: the largest tiles
+    with pytest.raises(ValueError, match="no TPU tiles fit"):
+        tv.tpu_block_sizes(4096, 151936, 1 << 20, 4, vmem)
+
+
+@pytest.mark.parametrize("batch,num_draft", [(8, 1), (256, 4)])
+def test_rejection_kernel_compiles_at_qwen_vocabulary(slice4, batch, num_draft):
+    _, devices = slice4
+    v = 151936
+    args = (jax.ShapeDtypeStruct((batch, num_draft), jnp.int32), jax.ShapeDtypeStruct((batch, num_draft, v), jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_draft + 1, v), jnp.float32))
+
+    def sample(d, q, p):
+        return rs.rejection_sample(d, q, p, jax.random.key(0), implementation="pallas", validate=False)
+
+    assert "tpu_custom_call" in _compile_on(devices[0], sample, *args).as_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The steps of a run, sharded over a 2 x 2 (fsdp x tensor) mesh of each generation
+
+QWEN_06B_RUN = ["plan.model=qwen3-0.6b", "mesh.fsdp=2", "mesh.tensor=2", "rl.prompts_per_step=2", "rl.group_size=4",
+                "rl.max_prompt_tokens=64", "rl.max_new_tokens=64", "speculative.num_draft=3", "pretrain.batch_size=4",
+                "pretrain.seq_len=256", "plan.compile_layers=[]"]
+
+
+@pytest.mark.parametrize("step,draft_vocab", [("decode", 0), ("mtp", 0), ("mtp", 4096), ("learner", 0),
+                                              ("prefill", 0)])
+def test_steps_compile_sharded_with_the_pallas_kernels(slice4, step, draft_vocab):
+    acc, devices = slice4
+    cfg = load_config(os.path.join(REPO, "configs", "qwen3-8b-v5p-64.yaml"),
+                      QWEN_06B_RUN + [f"pretrain.draft_vocab={draft_vocab}"])
+    model = dataclasses.replace(plan.architecture("qwen3-0.6b"), num_layers=1)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.make_rules(mesh, cfg.mesh.rules, sharding.trunk_dims(model))
+    sizes = plan.compile_step(plan.STEPS[step](cfg, model, plan.Shapes.from_config(cfg)), mesh, rules, devices[0])
+    assert sizes["pallas"] == float(step in ("decode", "mtp"))
+    assert sizes["flops"] > 0 and sizes["bytes_accessed"] > 0
+
+
+def test_plain_decode_step_moves_its_weights_and_kv_cache(slice4):
+    """The roofline's bytes of a plain decode step against a hand count: the bf16 weights each device
+    holds (the tied embedding read once as the LM head) plus its KV cache, within 1.3x at 2 layers
+    (the rest: the [rows, V / tensor] f32 logits' softmax, sampling and log-prob passes)."""
+    acc, devices = slice4
+    cfg = load_config(os.path.join(REPO, "configs", "qwen3-8b-v5p-64.yaml"),
+                      QWEN_06B_RUN + ["speculative.num_draft=0", "rl.prompts_per_step=4", "rl.group_size=8"])
+    hf = plan.KNOWN_MODELS["qwen3-0.6b"]
+    model = dataclasses.replace(plan.architecture("qwen3-0.6b"), num_layers=2)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.make_rules(mesh, cfg.mesh.rules, sharding.trunk_dims(model))
+    shapes = plan.Shapes.from_config(cfg)
+    sizes = plan.compile_step(plan.build_decode(cfg, model, shapes), mesh, rules, devices[0])
+    d, v, ff, h = hf["hidden_size"], hf["vocab_size"], hf["intermediate_size"], hf["head_dim"]
+    n, k = hf["num_attention_heads"], hf["num_key_value_heads"]
+    per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * ff  # q, o, k, v, gate/up/down
+    weights = 2 * (v * d + 2 * per_layer) / 4  # bf16 over fsdp x tensor = 4 devices
+    rows = shapes.rollout_rows // 2  # over fsdp
+    cache = 2 * 2 * rows * shapes.cache_len * (k // 2) * h * 2  # k, v x 2 layers, bf16, heads over tensor
+    ratio = sizes["bytes_accessed"] / (weights + cache)
+    assert 0.8 < ratio <= 1.3, ratio
+
+
+def test_plan_reports_tpu_figures_and_bad_input_is_one_line(capsys):
+    cfg = load_config(os.path.join(REPO, "configs", "qwen3-8b-v5p-64.yaml"),
+                      QWEN_06B_RUN + ["plan.accelerator=v5p-8", "plan.compile_layers=[1, 2]", "plan.steps=[decode]"])
+    plans, spec = plan_tpu.run(cfg)
+    out = capsys.readouterr().out
+    assert "TPU v5p" in out and "FITS" in out and "pallas" in out and "compile-time prediction" in out
+    assert [r.num_draft for r in spec] == [0, 1, 2, 3, 4] and plans[0].pallas
+    assert spec[0].speedups(spec[0]) == [1.0, 1.0, 1.0]
+    for overrides, message in [(["plan.accelerator=v5p-7"], "plan.accelerator.*expected one of"),
+                               (["plan.accelerator=v5p-16"], r"config key 'mesh'.*needs 4 devices, but 8"),
+                               (["plan.accelerator=v5litepod-4", "plan.model=qwen3-32b", "plan.steps=[learner]"],
+                                r"plan.model.*qwen3-32b.*GiB per device on v5litepod-4")]:
+        with pytest.raises(ConfigError, match=message):
+            plan_tpu.run(load_config(os.path.join(REPO, "configs", "qwen3-8b-v5p-64.yaml"), QWEN_06B_RUN + overrides))
+
+
+def test_cli_plan_without_libtpu_names_the_extra():
+    """With libtpu hidden from the process: a one-line error naming the key and the install command."""
+    code = ("import importlib.util, sys; real = importlib.util.find_spec; "
+            "importlib.util.find_spec = lambda n, *a: None if n == 'libtpu' else real(n, *a); "
+            "from bebop_jax import cli; cli.main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, "plan", "--config", "configs/qwen3-8b-v5p-64.yaml",
+                           "--accelerator", "v5p-64"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "plan.accelerator" in proc.stderr and "pip install -e '.[tpu]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
