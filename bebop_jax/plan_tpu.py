@@ -131,7 +131,7 @@ def _columns(rows, left) -> list[str]:
             for r in rows]
 
 
-def run(cfg: Config, out=sys.stdout) -> tuple[list[plan.StepPlan], list[SpecRow]]:
+def run(cfg: Config, out=None) -> tuple[list[plan.StepPlan], list[SpecRow]]:
     """Plans every step of `cfg` on the TPU compiler for `plan.accelerator` and prints the report. Bad input
     (accelerator, mesh, a model that cannot fit, libtpu missing) raises ConfigError before any compile."""
     acc = tpu.accelerator(cfg.plan.accelerator)
@@ -147,15 +147,14 @@ def run(cfg: Config, out=sys.stdout) -> tuple[list[plan.StepPlan], list[SpecRow]
         raise ConfigError(f"config key 'mesh': {e} on {acc.name} ({acc.chips} devices)") from None
     devices = tpu.compile_only_devices(acc)
     chip = tpu.chip_info(devices[0])
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    rules = sharding.make_rules(mesh, cfg.mesh.rules, sharding.trunk_dims(model))
-    _check_fits_unsharded_state(cfg, acc, chip, mesh, rules)
+    meshes = {name: plan.plan_mesh(cfg, model, devices, name) for name in plan.STEPS}
+    _check_fits_unsharded_state(cfg, acc, chip, *meshes["learner"])
     plans = []
     for name in cfg.plan.steps:
         print(f"plan: compiling {name} for {acc.name} ...", file=sys.stderr, flush=True)
-        plans.append(plan.plan_step(cfg, name, mesh, rules, lower_on=devices[0]))
+        plans.append(plan.plan_step(cfg, name, *meshes[name], lower_on=devices[0]))
     by_name = {p.name: p for p in plans}
-    spec = spec_table(cfg, mesh, rules, chip, by_name, devices[0]) if "decode" in by_name else []
-    print(format_report(cfg, acc, chip, plans, spec), file=out, flush=True)
+    spec = spec_table(cfg, *meshes["decode"], chip, by_name, devices[0]) if "decode" in by_name else []
+    print(format_report(cfg, acc, chip, plans, spec), file=out or sys.stdout, flush=True)
     return plans, spec
 

@@ -118,11 +118,13 @@ def actor_mesh_config(mesh_cfg: MeshConfig) -> MeshConfig:
 def rl_meshes(mesh_cfg: MeshConfig, actor_fraction: float,
               devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, Mesh]:
     """(learner mesh, actor mesh) over disjoint parts of `devices` (default: all), split by `split_devices`:
-    the learner's by `mesh_cfg`, the actor's by `actor_mesh_config`. Both are one mesh where the devices
-    are shared. Raises, naming rl.actor_devices and the mesh, if a part cannot hold its mesh."""
+    the learner's by `mesh_cfg`, the actor's by `actor_mesh_config`. Where the devices are shared
+    (actor_fraction 0) the actor's mesh is the decoding layout over all of them (no fsdp: a decode step
+    never all-gathers weights); one mesh on one device. Raises, naming rl.actor_devices and the mesh, if a
+    part cannot hold its mesh."""
     devices = list(jax.devices() if devices is None else devices)
     learner_devices, actor_devices = split_devices(devices, actor_fraction)
-    if actor_devices is learner_devices:
+    if len(devices) == 1:
         return (mesh := make_mesh(mesh_cfg, devices)), mesh
     parts = (("learner", learner_devices, mesh_cfg), ("actor", actor_devices, actor_mesh_config(mesh_cfg)))
     meshes = []

@@ -60,7 +60,8 @@ def check_split(results: dict) -> None:
         "fractions": splits, "errors": errors,
         "learner_shape": dict(learner_mesh.shape), "learner_ids": ids(learner_mesh.devices.flat),
         "actor_shape": dict(actor_mesh.shape), "actor_ids": ids(actor_mesh.devices.flat),
-        "shared_is_one_mesh": shared[0] is shared[1] and len(shared[0].devices.flat) == 8,
+        "shared_devices_decode_layout": (sorted(ids(shared[0].devices.flat)) == sorted(ids(shared[1].devices.flat))
+                                         and dict(shared[1].shape) == {"data": 4, "fsdp": 1, "tensor": 2}),
         "one_device_is_one_mesh": one[0] is one[1] and ids(one[0].devices.flat) == [devices[0].id]}
 
 

@@ -28,7 +28,7 @@ def test_device_split_is_disjoint_and_covers_the_devices(checks):
         assert len(actor) == round(float(fraction) * 8) and 0 in learner
     assert split["learner_shape"] == {"data": 1, "fsdp": 2, "tensor": 2} and split["learner_ids"] == [0, 1, 2, 3]
     assert split["actor_shape"] == {"data": 2, "fsdp": 1, "tensor": 2} and split["actor_ids"] == [4, 5, 6, 7]
-    assert split["shared_is_one_mesh"] and split["one_device_is_one_mesh"]
+    assert split["shared_devices_decode_layout"] and split["one_device_is_one_mesh"]
 
 
 @pytest.mark.parametrize("case, expected", [
