@@ -22,12 +22,15 @@ The trunk is compiled at its full depth (unrolled: Qwen3-8B's 36-layer learner s
 compiles two small depths instead and extrapolates every size linearly, which is faster but
 approximate: on Qwen3-8B, [2, 4] predicts the 36-layer learner and decode to 0.1% and prefill 8% low.
 The numbers are XLA:CPU's buffer assignment: the TPU compiler fuses differently and uses the
-Pallas kernels (the CPU program uses their jnp paths), so leave headroom.
+Pallas kernels (the CPU program uses their jnp paths), so leave headroom. This is the fallback:
+`plan.accelerator` (`--accelerator v5p-64`) compiles the same steps with the TPU compiler for that
+slice instead (`bebop_jax.plan_tpu`). The rollout steps (prefill, decode) run on the actor's mesh
+(`sharding.rl_meshes`: data x tensor, no fsdp), the others on the learner's (`mesh.*`).
 
 `run` needs the fake devices before jax initialises (XLA_FLAGS=--xla_force_host_platform_device_count)
 and re-executes itself in a subprocess when the current process lacks them.
-Not here on purpose: compiling for a real TPU topology (needs libtpu), the reference policy of
-rl.kl_coef > 0, multi-turn environments (they multiply the learner rows by their turns).
+Not here on purpose: the reference policy of rl.kl_coef > 0, multi-turn environments (they multiply
+the learner rows by their turns).
 """
 
 from __future__ import annotations

@@ -74,6 +74,7 @@ def compile_only_devices(acc: Accelerator) -> list[jax.Device]:
     require_libtpu()
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM: quiets libtpu
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", acc.name)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to guard: let several compiling processes load it
     from jax.experimental import topologies
 
     return list(topologies.get_topology_desc(topology_name=acc.topology, platform="tpu").devices)

@@ -107,9 +107,10 @@ PALLAS_BLOCK_SIZES = BlockSizes()  # interpret mode, and the ceiling of `tpu_blo
 def _vmem_footprint(bn, bv, d, itemsize):
     """Bytes of VMEM the largest pass holds at tiles (bn, bv): double-buffered h tiles [bn, D] x 2, a W
     tile [bv, D], the resident f32 gradient block ([bn, D] in pass 3, [bv, D] in the W backward) and
-    the per-row statistics, plus ~8 f32 [bn, bv] temporaries (logits, p, q, signs, gradients)."""
+    the per-row statistics, plus ~8 f32 [bn, bv] temporaries (logits, p, q, signs, gradients) and the
+    W backward's two f32 [bv, D] products before they are summed into its block."""
     buffers = 2 * bn * d * itemsize + bv * d * itemsize + max(bn, bv) * d * 4 + 8 * bn * LANES * 4
-    return 2 * buffers + 8 * bn * bv * 4
+    return 2 * buffers + 8 * bn * bv * 4 + 2 * max(bn, bv) * d * 4
 
 
 def tpu_block_sizes(n, v, d, itemsize, vmem_bytes) -> BlockSizes:
