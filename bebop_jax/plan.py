@@ -427,10 +427,7 @@ def format_report(cfg: Config, plans: list[StepPlan]) -> str:
                      "FITS" if fits else "DOES NOT FIT",
                      " and ".join(map(str, p.compiled_layers)) + " layers" if p.compiled_layers else "heads only",
                      f"{p.compile_seconds:.0f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        cells = (c.ljust(w) if i < 2 or i >= 10 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        lines.append("  ".join(cells).rstrip())
+    lines += columns(rows, left=(0, 1, 10, 11, 12))
     by_name = {p.name: p for p in plans}
     if "learner" in by_name and "decode" in by_name:  # rl.loop async: the actor decodes while the learner steps
         learn, dec = by_name["learner"].total, by_name["decode"].total
@@ -444,6 +441,13 @@ def format_report(cfg: Config, plans: list[StepPlan]) -> str:
     lines.append("bytes from XLA:CPU's buffer assignment of the sharded program, the fallback without libtpu (TPU "
                  "fusion and the Pallas kernels differ: leave headroom; `--accelerator` compiles on the TPU compiler).")
     return "\n".join(lines)
+
+
+def columns(rows: list[tuple[str, ...]], left: tuple[int, ...]) -> list[str]:
+    """Rows of cells as aligned text lines: columns `left` left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
 
 
 def _fake_devices_ready(n: int) -> bool:

@@ -106,7 +106,7 @@ def format_report(cfg: Config, acc: tpu.Accelerator, chip: tpu.ChipInfo, plans: 
                        "memory" if t_bytes >= t_flops else "compute",
                        " and ".join(map(str, p.compiled_layers)) + " layers" if p.compiled_layers else "heads only",
                        f"{p.compile_seconds:.0f}"))
-    lines += _columns(table, left=(0, 1, 9, 10, 14, 15))
+    lines += plan.columns(table, left=(0, 1, 9, 10, 14, 15))
     lines.append("kernels: pallas = the Pallas kernels compiled in (decode: rejection sampling; mtp: fused acceptance); "
                  "jnp = the step has no kernel. decode is one verify step (the decode loop's body).")
     if spec:
@@ -121,14 +121,8 @@ def format_report(cfg: Config, acc: tpu.Accelerator, chip: tpu.ChipInfo, plans: 
             table.append((str(row.num_draft), f"{1e3 * row.seconds:.3f}", f"{row.seconds / plain.seconds:.2f}",
                           f"{row.bytes_accessed / 1e9:.2f}", f"{row.bytes_accessed / row.weights_and_cache:.2f}")
                          + tuple(f"x{s:.2f}" for s in row.speedups(plain)))
-        lines += _columns(table, left=())
+        lines += plan.columns(table, left=())
     return "\n".join(lines)
-
-
-def _columns(rows, left) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-            for r in rows]
 
 
 def run(cfg: Config, out=None) -> tuple[list[plan.StepPlan], list[SpecRow]]:

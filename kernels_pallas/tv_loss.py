@@ -645,9 +645,9 @@ def fused_acceptance(h_draft, h_target, w_vocab, *, temperature=1.0, mask=None, 
     if block_sizes is None and implementation == "pallas":
         n_local = pl.cdiv(h_draft.shape[0], partition.row_shards) if partition else h_draft.shape[0]
         v_local = w_vocab.shape[0] // (partition.vocab_shards if partition else 1)
-        vmem_limit = int(placement.vmem_budget() / placement.VMEM_SHARE * 0.9)
-        block_sizes = tpu_block_sizes(n_local, v_local, h_draft.shape[1], jnp.dtype(dtype).itemsize,
-                                      placement.vmem_budget())
+        budget = placement.vmem_budget()
+        vmem_limit = int(budget / placement.VMEM_SHARE * 0.9)  # 90% of the TensorCore's VMEM
+        block_sizes = tpu_block_sizes(n_local, v_local, h_draft.shape[1], jnp.dtype(dtype).itemsize, budget)
     if block_sizes is None:
         block_sizes = CHUNKED_BLOCK_SIZES if implementation == "chunked" else PALLAS_BLOCK_SIZES
     if implementation != "chunked":
