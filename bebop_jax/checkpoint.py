@@ -7,8 +7,9 @@ Saves are asynchronous; `close()` waits for them. Typed PRNG keys are stored as 
 and rebuilt on restore, so a state with keys restores bit-exactly. Used by `bebop pretrain-mtp` now
 and by RL later.
 
-`load_mtp_heads(path)` reads the heads of the latest step of a pretraining run directory, or the
-Qwen3-Next `mtp.*` tensors of an HF directory; `export_hf_with_mtp` writes such a directory. Heads
+`load_mtp_heads(path, trunk)` reads heads shipped in the package, a heads file (`save_heads_file`:
+the heads alone, bf16, checked against the trunk they load for), the latest step of a pretraining run
+directory, or the Qwen3-Next `mtp.*` tensors of an HF directory (`export_hf_with_mtp` writes one). Heads
 trained on a draft sub-vocabulary carry its ids (run meta `draft_ids`; HF tensor `mtp.draft_ids`).
 """
 
@@ -20,13 +21,15 @@ from typing import NamedTuple
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from bebop_jax.model import LoadedModel
 from bebop_jax.model import tokenizer as tokenizer_lib
 from bebop_jax.model import weights as weights_lib
-from bebop_jax.model.mtp import MTPConfig, mtp_params_from_hf_tensors, mtp_params_to_hf_tensors
+from bebop_jax.model.mtp import MTPConfig, init_mtp_params, mtp_params_from_hf_tensors, mtp_params_to_hf_tensors
+from bebop_jax.model.transformer import TransformerConfig
 
 
 def _is_key(x) -> bool:
@@ -99,28 +102,122 @@ def _draft_ids(ids) -> np.ndarray | None:
     return None if ids is None else np.asarray(ids, np.int32)
 
 
-def load_mtp_heads(path: str) -> MTPHeadsCheckpoint:
-    """The heads of a `bebop pretrain-mtp` run directory (latest step) or of an HF directory holding
-    Qwen3-Next `mtp.*` (or DeepSeek-V3 MTP) tensors beside the trunk."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+# Heads shipped in this package: name -> file under bebop_jax/heads/ (model card beside it).
+SHIPPED_HEADS = {"smollm2-135m-instruct-e2e-tv": "smollm2-135m-instruct-e2e-tv.safetensors"}
+# The trunk fields a heads file records and checks against the model it is loaded for.
+_TRUNK_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                 "head_dim", "qkv_bias", "qk_norm")
+
+
+def shipped_heads_path(name: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads", SHIPPED_HEADS[name])
+
+
+def save_heads_file(path: str, trunk: TransformerConfig, mtp: MTPConfig, params: dict,
+                    draft_ids: np.ndarray | None, model: str, dtype=jnp.bfloat16) -> None:
+    """One safetensors file of the heads alone: Qwen3-Next `mtp.*` tensors in `dtype`, `mtp.draft_ids`,
+    and metadata (K, the MTP layers, the trunk it was trained on) that `load_mtp_heads` checks."""
+    from safetensors.flax import save_file
+
+    tensors = {k: jnp.asarray(v, dtype) for k, v in mtp_params_to_hf_tensors(trunk, mtp, params).items()}
+    if draft_ids is not None:
+        tensors["mtp.draft_ids"] = jnp.asarray(draft_ids, jnp.int32)
+    meta = {"format": "bebop-mtp-heads", "model": model, "num_steps": str(mtp.num_steps),
+            "num_layers": str(mtp.num_layers), "trunk": json.dumps({f: getattr(trunk, f) for f in _TRUNK_FIELDS})}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(tensors, path, metadata=meta)
+
+
+def _load_heads_file(path: str, trunk: TransformerConfig | None) -> MTPHeadsCheckpoint:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="flax") as f:
+            meta = f.metadata() or {}
+            tensors = {name: np.asarray(f.get_tensor(name)) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise weights_lib.WeightsError(f"heads file '{path}' is not a readable safetensors file ({e})") from None
+    if meta.get("format") != "bebop-mtp-heads":
+        raise weights_lib.WeightsError(f"'{path}' is not a bebop heads file (no 'bebop-mtp-heads' metadata); "
+                                       "write one with `bebop export --heads-only`")
+    recorded = json.loads(meta["trunk"])
+    if trunk is None:
+        raise ValueError(f"heads file '{path}': give the trunk's config to load it against")
+    differs = [f"{k}: heads {recorded[k]!r}, model {getattr(trunk, k)!r}" for k in _TRUNK_FIELDS
+               if recorded.get(k) != getattr(trunk, k)]
+    if differs:
+        raise weights_lib.WeightsError(f"heads '{path}' were trained for another trunk ({meta.get('model')}): "
+                                       + "; ".join(differs))
+    ids = tensors.pop("mtp.draft_ids", None)
+    mtp, params = mtp_params_from_hf_tensors(trunk, {k: v.astype(np.float32) for k, v in tensors.items()})
+    if mtp.num_layers != int(meta["num_layers"]):
+        raise weights_lib.WeightsError(f"heads file '{path}': metadata says {meta['num_layers']} MTP layers, "
+                                       f"the tensors hold {mtp.num_layers}")
+    return MTPHeadsCheckpoint(MTPConfig(num_steps=int(meta["num_steps"]), num_layers=mtp.num_layers), params,
+                              _draft_ids(ids))
+
+
+def _check_against(heads: MTPHeadsCheckpoint, trunk: TransformerConfig, path: str) -> None:
+    """Parameter shapes as the trunk's MTPHeads expect them, draft ids inside its vocabulary: else a clear error."""
+    want = jax.eval_shape(lambda: init_mtp_params(trunk, heads.cfg, jax.random.key(0)))
+    got_shapes = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(heads.params)}
+    problems = []
+    for k, v in jax.tree_util.tree_leaves_with_path(want):
+        name = jax.tree_util.keystr(k)
+        if name not in got_shapes:
+            problems.append(f"missing {name} {v.shape}")
+        elif (got := tuple(got_shapes.pop(name))) != v.shape:
+            problems.append(f"{name}: expected {v.shape} for this model, found {got}")
+    problems += [f"unexpected {name}" for name in got_shapes]
+    ids = heads.draft_ids
+    if ids is not None:
+        if ids.ndim != 1 or len(ids) == 0 or np.any(np.diff(ids) <= 0):
+            problems.append("draft ids must be a non-empty ascending list of distinct token ids")
+        elif ids[0] < 0 or ids[-1] >= trunk.vocab_size:
+            problems.append(f"draft ids span [{ids[0]}, {ids[-1]}], outside the model's vocabulary of {trunk.vocab_size}")
+    if problems:
+        raise weights_lib.WeightsError(f"MTP heads '{path}' do not match the model:\n  " + "\n  ".join(problems))
+
+
+def load_mtp_heads(path: str, trunk: TransformerConfig | None = None) -> MTPHeadsCheckpoint:
+    """MTP heads from a shipped name (SHIPPED_HEADS), a heads file (`save_heads_file`), a `bebop
+    pretrain-mtp` run directory (latest step) or an HF directory holding Qwen3-Next `mtp.*` (or
+    DeepSeek-V3 MTP) tensors beside the trunk.
+
+    With `trunk` the heads are checked against that model before anything runs: trunk identity
+    (heads files), parameter shapes and draft ids; a mismatch or a corrupt file is a WeightsError
+    naming what differs.
+    """
+    if path in SHIPPED_HEADS:
+        path = shipped_heads_path(path)
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"heads file '{path}' does not exist")
+        heads = _load_heads_file(path, trunk)
+    elif os.path.isdir(os.path.join(path, "checkpoints")):
         ckpt = RunCheckpoints(path)
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"run directory '{path}' holds no finished checkpoint")
         state, meta = ckpt.restore_raw(step)
         ckpt.close()
-        return MTPHeadsCheckpoint(MTPConfig(**meta["mtp"]), jax.tree.map(np.asarray, state["params"]),
-                                  _draft_ids(meta.get("draft_ids")))
-    if os.path.isfile(os.path.join(path, "config.json")):
+        heads = MTPHeadsCheckpoint(MTPConfig(**meta["mtp"]), jax.tree.map(np.asarray, state["params"]),
+                                   _draft_ids(meta.get("draft_ids")))
+    elif os.path.isfile(os.path.join(path, "config.json")):
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
         tensors = weights_lib.read_safetensors_dir(path)
         mtp, params = mtp_params_from_hf_tensors(weights_lib.config_from_hf(hf), tensors)
         steps = hf.get("bebop_mtp_num_steps", mtp.num_steps)
-        return MTPHeadsCheckpoint(MTPConfig(num_steps=steps, num_layers=mtp.num_layers), params,
-                                  _draft_ids(tensors.get("mtp.draft_ids")))
-    raise FileNotFoundError(f"'{path}' is neither a pretrain-mtp run directory (with checkpoints/) "
-                            "nor an HF directory (with config.json)")
+        heads = MTPHeadsCheckpoint(MTPConfig(num_steps=steps, num_layers=mtp.num_layers), params,
+                                   _draft_ids(tensors.get("mtp.draft_ids")))
+    else:
+        raise FileNotFoundError(f"'{path}' is neither shipped heads ({', '.join(SHIPPED_HEADS)}), a heads "
+                                ".safetensors file, a pretrain-mtp run directory (with checkpoints/) nor an HF "
+                                "directory (with config.json)")
+    if trunk is not None:
+        _check_against(heads, trunk, path)
+    return heads
 
 
 def export_hf_with_mtp(model: LoadedModel, mtp: MTPConfig, mtp_params: dict, path: str,

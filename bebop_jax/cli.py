@@ -63,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import numpy as np
 
     from bebop_jax.checkpoint import load_mtp_heads
-    from bebop_jax.generate import check_lengths
+    from bebop_jax.batching import check_lengths
     from bebop_jax.model import load_model
     from bebop_jax.speculative import speculative_generate
 
@@ -81,7 +81,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {e}") from None
     mtp_cfg = mtp_params = draft_ids = None
     if spec.mode != "none":
-        mtp_cfg, mtp_params, draft_ids = load_mtp_heads(spec.mtp_checkpoint)
+        mtp_cfg, mtp_params, draft_ids = load_mtp_heads(spec.mtp_checkpoint, model.cfg)
         if spec.draft_vocab and draft_ids is not None:
             raise SystemExit(f"error: the heads at {spec.mtp_checkpoint} draft from their own {len(draft_ids)}-id "
                              "vocabulary; --draft-vocab applies to full-vocabulary heads only")
@@ -118,13 +118,21 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     model = load_model(cfg.model.source)
     max_shard_bytes = args.max_shard_mb * 2**20 if args.max_shard_mb else None
+    if args.heads_only and (args.mtp is None or not args.out.endswith(".safetensors")):
+        raise SystemExit("error: --heads-only writes the --mtp heads to a .safetensors file: give both")
     if args.mtp is None:
         export_hf(model, args.out, max_shard_bytes=max_shard_bytes)
         print(f"wrote {args.out} (HF safetensors, config.json, tokenizer)")
         return
-    from bebop_jax.checkpoint import export_hf_with_mtp, load_mtp_heads
+    from bebop_jax.checkpoint import export_hf_with_mtp, load_mtp_heads, save_heads_file
 
-    mtp, params, draft_ids = load_mtp_heads(args.mtp)
+    mtp, params, draft_ids = _user_errors(lambda: load_mtp_heads(args.mtp, model.cfg))
+    if args.heads_only:
+        save_heads_file(args.out, model.cfg, mtp, params, draft_ids, model=cfg.model.source)
+        print(f"wrote {args.out} (the heads alone, bf16: {mtp.num_layers} MTP layer(s), K={mtp.num_steps}, "
+              f"{'full vocabulary' if draft_ids is None else f'{len(draft_ids)} draft ids'}, "
+              f"{os.path.getsize(args.out) / 2**20:.1f} MB)")
+        return
     export_hf_with_mtp(model, mtp, params, args.out, max_shard_bytes=max_shard_bytes, draft_ids=draft_ids)
     print(f"wrote {args.out} (HF safetensors with {mtp.num_layers} MTP layer(s) as mtp.*, K={mtp.num_steps}, "
           "config.json, tokenizer)")
@@ -145,7 +153,7 @@ _PRETRAIN_FLAGS = {
     "--model": _GENERATE_FLAGS["--model"],
     "--data-dir": _SAMPLE_FLAGS["--data-dir"],
     "--corpus": ("data.corpus", dict(help="train on a .txt / .jsonl corpus instead of {data.dir}/train")),
-    "--loss": ("pretrain.loss", dict(help="ce | kl | tv | e2e_tv")),
+    "--loss": ("pretrain.loss", dict(help="ce | kl | tv | e2e_tv | lk_alpha | lk_lambda")),
     "--steps": ("pretrain.steps", dict(type=int)),
     "--batch-size": ("pretrain.batch_size", dict(type=int)),
     "--learning-rate": ("pretrain.learning_rate", dict(type=float)),
@@ -280,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument("--max-shard-mb", type=int, default=None, help="shard the weights (index form)")
     exp.add_argument("--mtp", default=None, help="also write MTP heads (a pretrain-mtp run dir) as mtp.* tensors")
+    exp.add_argument("--heads-only", action="store_true",
+                     help="write only the --mtp heads, as one bf16 .safetensors file (--out FILE) that "
+                          "`--mtp FILE` loads, checked against the model")
     exp.set_defaults(func=cmd_export)
 
     sample = sub.add_parser("sample-data", help="self-distillation: sample the policy on prompts into token shards")

@@ -114,7 +114,7 @@ class DataConfig:
     """Data of the draft heads: self-distilled samples (`bebop sample-data`) or a plain corpus."""
 
     dir: str = "runs/data/math"  # token shards: {dir}/train and {dir}/heldout
-    prompts: str = "math"  # "math" (built-in generator) or a JSONL file of {"prompt"} / {"messages"}
+    prompts: str = "math"  # a built-in source (data.PROMPT_SOURCES), a comma-separated mix, or a JSONL file
     num_prompts: int = 512  # prompts sampled for training
     heldout_prompts: int = 64  # further prompts, sampled for evaluation only
     chat: bool = True  # wrap prompts in the model's chat template
@@ -136,7 +136,7 @@ class DataConfig:
 class PretrainConfig:
     """`bebop pretrain-mtp`: the draft heads trained on the frozen trunk's hidden states."""
 
-    loss: Literal["ce", "kl", "tv", "e2e_tv"] = "e2e_tv"
+    loss: Literal["ce", "kl", "tv", "e2e_tv", "lk_alpha", "lk_lambda"] = "e2e_tv"
     temperature: float = 1.0  # tau of p and q in the loss: the rollout temperature
     steps: int = 1000
     batch_size: int = 8  # rows per step

@@ -30,7 +30,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from bebop_jax import distributed
-from bebop_jax.math_prompts import make_problem
 from bebop_jax.sharding import Rules
 
 
@@ -49,17 +48,37 @@ class Sequences:
 # Prompt sources and self-distillation
 
 
-def load_prompts(spec: str, num: int, seed: int) -> list[list[dict]]:
-    """`num` prompts as chat messages: spec "math" (the built-in generator) or a JSONL file.
+PROMPT_SOURCES = ("math", "math:easy", "math:grade", "tool", "code")
 
-    JSONL records are {"prompt": str} or {"messages": [{"role", "content"}, ...]}; trailing assistant
-    turns are dropped (the policy writes its own). A file with fewer than `num` records is an error.
+
+def _environment_prompts(source: str, num: int, rng: np.random.Generator) -> list[list[dict]]:
+    """`num` first-turn prompts of an RL environment, exactly as the actor sees them (`Task.messages`)."""
+    from bebop_jax.rl.environments import make_environment
+
+    name, _, level = source.partition(":")
+    env = make_environment(name, **({"level": level or "grade"} if name == "math" else {}))
+    return [list(task.messages) for task in env.sample_tasks(rng, num)]
+
+
+def load_prompts(spec: str, num: int, seed: int) -> list[list[dict]]:
+    """`num` prompts as chat messages: built-in RL prompt sources, or a JSONL file.
+
+    `spec` is one of PROMPT_SOURCES ("math" = "math:grade"), a comma-separated mix of them
+    (e.g. "math:easy,math:grade,tool,code": the prompts go round-robin over the sources, each with its
+    own generator), or a JSONL file of {"prompt": str} or {"messages": [{"role", "content"}, ...]}
+    records; trailing assistant turns are dropped (the policy writes its own). A file with fewer
+    than `num` records is an error.
     """
-    if spec == "math":
-        rng = np.random.default_rng(seed)
-        return [[{"role": "user", "content": make_problem(rng)[0]}] for _ in range(num)]
+    sources = [s.strip() for s in spec.split(",")]
+    if all(s in PROMPT_SOURCES for s in sources):
+        share = [len(range(i, num, len(sources))) for i in range(len(sources))]
+        drawn = [_environment_prompts(s, n, np.random.default_rng([seed, i])) if len(sources) > 1
+                 else _environment_prompts(s, n, np.random.default_rng(seed))
+                 for i, (s, n) in enumerate(zip(sources, share))]
+        return [drawn[i % len(sources)][i // len(sources)] for i in range(num)]
     if not os.path.isfile(spec):
-        raise FileNotFoundError(f"data.prompts: '{spec}' is neither 'math' nor an existing JSONL file")
+        raise FileNotFoundError(f"data.prompts: '{spec}' is neither a built-in source ({', '.join(PROMPT_SOURCES)}, "
+                                "or a comma-separated mix of them) nor an existing JSONL file")
     prompts = []
     with open(spec) as f:
         for line_no, line in enumerate(f, 1):
@@ -117,15 +136,18 @@ def sample_shards(model, prompts: list[list[int]], directory: str, key: jax.Arra
                   progress=None) -> Sequences:
     """Completes `prompts` with the policy, `batch_size` at a time, one shard per batch.
 
-    Batch i samples with `fold_in(key, i)`; a shard already on disk is kept, so an interrupted run
-    resumes where it stopped. The last batch is padded with repeats to keep one compiled shape.
+    Batches take the prompts in order of length (stable), so a batch pads to its own width, not the
+    longest prompt's (a mix of 56- and 133-token prompts otherwise pads every prefill to 192). Batch i
+    samples with `fold_in(key, i)`; a shard already on disk is kept, so an interrupted run resumes
+    where it stopped. The last batch is padded with repeats to keep one compiled shape.
     """
     from bebop_jax.generate import generate
 
     os.makedirs(directory, exist_ok=True)
-    for i, start in enumerate(range(0, len(prompts), batch_size)):
+    by_length = [prompts[i] for i in np.argsort([len(p) for p in prompts], kind="stable")]
+    for i, start in enumerate(range(0, len(by_length), batch_size)):
         path = os.path.join(directory, f"shard_{i:05d}.npz")
-        batch = prompts[start:start + batch_size]
+        batch = by_length[start:start + batch_size]
         if not os.path.exists(path):
             padded = batch + [batch[0]] * (batch_size - len(batch))
             out, counts = generate(model.params, model.cfg, padded, jax.random.fold_in(key, i),
@@ -142,10 +164,11 @@ def self_distill(cfg, model, progress=None) -> dict[str, Sequences]:
     """`bebop sample-data`: the policy's own completions of the configured prompts, as token shards.
 
     The first `data.heldout_prompts` prompts go to `{data.dir}/heldout`, the next `data.num_prompts`
-    to `{data.dir}/train`; `{data.dir}/meta.json` records the settings, and a directory sampled with
+    to `{data.dir}/train`: held-out completions are never trained on (sources with a small prompt space,
+    `math:easy` and the five built-in `code` problems, repeat prompt texts in both splits, as RL does); `{data.dir}/meta.json` records the settings, and a directory sampled with
     other settings is refused rather than mixed.
     """
-    from bebop_jax.generate import check_lengths
+    from bebop_jax.batching import check_lengths
 
     d = cfg.data
     meta = {"model": cfg.model.source, "prompts": d.prompts, "num_prompts": d.num_prompts,
@@ -272,7 +295,7 @@ def max_loss_origins(rows: Rows, num_steps: int, multiple: int = 8) -> int:
 
 class RowSource:
     """grain random-access source over rows; adds each row's cached trunk hidden states [T,D] and
-    target log-normalisers [T] (`pretrain_mtp.full_logz`) when given."""
+    target log-normalisers [T] (`trunk_cache.full_logz`) when given."""
 
     def __init__(self, rows: Rows, hidden: np.ndarray | None = None, target_logz: np.ndarray | None = None):
         if hidden is not None and hidden.shape[:2] != rows.tokens.shape:

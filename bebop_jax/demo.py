@@ -42,7 +42,7 @@ def verify_modes(model: LoadedModel, heads: str, out: str, *, temperatures=(0.5,
     """
     from bebop_jax.checkpoint import load_mtp_heads
 
-    mtp_cfg, mtp_params, draft_ids = load_mtp_heads(heads)
+    mtp_cfg, mtp_params, draft_ids = load_mtp_heads(heads, model.cfg)
     prompts = _prompts(model, batch, seed)
     result = {"heads": heads, "num_draft": num_draft, "modes": {}}
     for mode in ("rejection", "greedy_draft", "block"):
@@ -64,7 +64,7 @@ def rollout_speed(model: LoadedModel, heads: str, out: str, *, settings=((1, 1.0
     """Plain vs speculative (rejection) tokens/s, alternating runs, EOS off; writes `out` (JSON)."""
     from bebop_jax.checkpoint import load_mtp_heads
 
-    mtp_cfg, mtp_params, draft_ids = load_mtp_heads(heads)
+    mtp_cfg, mtp_params, draft_ids = load_mtp_heads(heads, model.cfg)
     rows = []
     for batch, t in settings:
         prompts = _prompts(model, batch, seed)

@@ -144,9 +144,9 @@ def run(cfg: Config, heads: str, out: str | None = None, model: LoadedModel | No
 
     `out` defaults to `{heads}/acceptance.json`; the plot goes beside it as .png.
     """
-    mtp, params, draft_ids = load_mtp_heads(heads)
-    seqs = data_lib.read_shards(os.path.join(cfg.data.dir, "heldout"))
     model = model or load_model(cfg.model.source, cfg.model.dtype)
+    mtp, params, draft_ids = load_mtp_heads(heads, model.cfg)
+    seqs = data_lib.read_shards(os.path.join(cfg.data.dir, "heldout"))
     report = evaluate(model, mtp, params, seqs, cfg.eval.temperatures, cfg.eval.entropy_buckets, cfg.eval.batch_size,
                       draft_ids)
     report = {"heads": heads, "data": os.path.join(cfg.data.dir, "heldout")} | report

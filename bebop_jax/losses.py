@@ -6,6 +6,12 @@ Per origin t and draft step k (temperature tau):
     alpha = sum_v min(p, q) = 1 - TV(p, q)   acceptance of one rejection-sampling step
     CE = -log q(x_{t+k+1}),  KL = KL(p || q),  TV = 1 - alpha,
     e2e TV = -(1/K) sum_k prod_{j<=k} alpha_j   (expected accepted drafts of one verify step, / K)
+    LK losses (Samarin et al. 2026, arXiv 2602.23881: train on acceptance itself):
+    lk_alpha  = -(1/K) sum_k log alpha_k         (gradient grad(alpha) / alpha: large where p and q
+                                                  barely overlap, where TV's gradient vanishes)
+    lk_lambda = (1/K) sum_k lam_k KL_k + (1 - lam_k) TV_k,  lam_k = exp(-LK_ETA * stopgrad(alpha_k))
+                                                 (KL while alpha is small, TV as it grows)
+    alpha_k, KL_k, TV_k above are masked means over the origins.
 
 Inputs are hidden states, never logits: alpha goes through the fused kernel
 (`kernels_pallas.tv_loss.fused_acceptance`), which never holds a [tokens x vocab] array of both
@@ -16,7 +22,7 @@ e2e product a step counts only where every earlier step does (cumulative mask).
 Draft sub-vocabulary (`target_logz` given): the heads draft from Vd << V frequent ids (EAGLE-3 /
 FR-Spec), `w_vocab` holds those Vd rows, q = softmax over them (0 elsewhere), and p stays the policy's
 full-vocabulary distribution restricted to them, p_v = exp(W_v h_t / tau - logZ_t) with logZ_t the
-full log-normaliser (computed once per position, `pretrain_mtp.target_logz_cache`). Then alpha =
+full log-normaliser (computed once per position, `trunk_cache.target_logz_cache`). Then alpha =
 sum_{v in Vd} min(p_v, q_v) is still the exact acceptance of rejection sampling with that draft (the
 mass of p outside Vd is never accepted), at Vd/V of the projection cost. CE counts targets inside Vd
 (`targets` are row indices into `w_vocab`, -1 outside); KL is KL(p~ || q) with p~ = p renormalised
@@ -31,7 +37,8 @@ import jax.numpy as jnp
 from bebop_jax import sharding
 from kernels_pallas.tv_loss import fused_acceptance
 
-LOSSES = ("ce", "kl", "tv", "e2e_tv")
+LOSSES = ("ce", "kl", "tv", "e2e_tv", "lk_alpha", "lk_lambda")
+LK_ETA = 3.0  # lk_lambda: the KL weight is 0.74 at alpha 0.1, 0.22 at 0.5, 0.09 at 0.8
 _ROW_CHUNK = 256
 
 
@@ -111,16 +118,23 @@ def draft_loss(kind: str, h_drafts, h_targets, targets, masks, w_vocab, temperat
         loss = jnp.mean(1.0 - alpha_means)
     elif kind == "e2e_tv":
         loss = -jnp.mean(chain)
+    elif kind == "lk_alpha":
+        loss = -jnp.mean(jnp.log(jnp.maximum(alpha_means, 1e-6)))
     elif kind == "ce":
         per_step = jnp.stack([_masked_mean(cross_entropy(h_drafts[k], targets[k], w_vocab, temperature),
                                            masks[k] & (targets[k] >= 0)) for k in range(K)])
         loss = jnp.mean(per_step)
         metrics["ce"] = per_step
-    else:
+    else:  # kl, lk_lambda
         per_step = jnp.stack([_masked_mean(forward_kl(h_drafts[k], h_targets[k], w_vocab, temperature), masks[k])
                               for k in range(K)])
-        loss = jnp.mean(per_step)
-        metrics["kl"] = per_step
+        if kind == "kl":
+            loss = jnp.mean(per_step)
+        else:
+            lam = jnp.exp(-LK_ETA * jax.lax.stop_gradient(alpha_means))
+            loss = jnp.mean(lam * per_step + (1.0 - lam) * (1.0 - alpha_means))
+            metrics["lk_lambda"] = lam
+        metrics["kl"] = jax.lax.stop_gradient(per_step)
     if kind in ("ce", "kl"):
         metrics = jax.tree.map(jax.lax.stop_gradient, metrics)
     return loss, metrics

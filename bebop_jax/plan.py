@@ -54,7 +54,7 @@ from jax.sharding import Mesh
 
 from bebop_jax import sharding
 from bebop_jax.config import Config, ConfigError, load_config, to_dict
-from bebop_jax.generate import cache_length_for
+from bebop_jax.batching import cache_length_for
 from bebop_jax.model.mtp import MTPConfig
 from bebop_jax.model.transformer import CACHE_AXES, KVCache, TransformerConfig
 from bebop_jax.model.weights import config_from_hf
@@ -151,7 +151,7 @@ def _boxed_spec_state(s) -> Any:
         return _rows(x.shape, x.dtype)
 
     def caches(cs):
-        return tuple(KVCache(_boxed_like(c.k, CACHE_AXES), _boxed_like(c.v, CACHE_AXES)) for c in cs)
+        return tuple(KVCache(_boxed_like(c.k, CACHE_AXES.k), _boxed_like(c.v, CACHE_AXES.v)) for c in cs)
 
     return s.replace(tokens=rows(s.tokens), logprobs=rows(s.logprobs), entropies=rows(s.entropies),
                      num_tokens=rows(s.num_tokens), position=rows(s.position), draft_hidden=rows(s.draft_hidden),

@@ -1,7 +1,7 @@
 """Stage 1, `bebop pretrain-mtp`: MTP draft heads trained on a frozen trunk.
 
 Data (`bebop_jax.data`) is laid into fixed rows [R, T]. The trunk is frozen, so it runs once over every
-row and its final hidden states are cached in bf16 (`{pretrain.cache_dir}/{fingerprint}.npy`, shared by
+row and its final hidden states are cached in bf16 (`bebop_jax.trunk_cache`: `{pretrain.cache_dir}`, shared by
 runs on the same rows; `pretrain.cache_hidden=false` runs the trunk in every step instead, rounding to
 bf16 the same way). A train step then costs only the heads:
 
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -56,20 +55,18 @@ import time
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bebop_jax import data as data_lib
-from bebop_jax import distributed, sharding
+from bebop_jax import distributed, sharding, trunk_cache
 from bebop_jax.checkpoint import RunCheckpoints, load_mtp_heads
 from bebop_jax.config import Config, to_dict
 from bebop_jax.losses import draft_loss
 from bebop_jax.model import LoadedModel, load_model
 from bebop_jax.model.mtp import MTPConfig, init_mtp_params, teacher_forced_hidden, vocab_matrix
-from bebop_jax.model.transformer import Transformer, TransformerConfig
+from bebop_jax.model.transformer import TransformerConfig
 
 
 @flax.struct.dataclass
@@ -77,71 +74,6 @@ class TrainState:
     step: jax.Array  # [] int32: optimizer updates done
     params: dict  # MTP parameters
     opt_state: optax.OptState
-
-
-# ---------------------------------------------------------------------------------------------
-# The frozen trunk's hidden states
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def trunk_hidden(params, tokens, positions, segment_ids, *, cfg: TransformerConfig):
-    """The trunk's final (normed) hidden states [B,T,D] of packed rows, rounded to bf16."""
-    hidden, _ = Transformer(cfg).apply({"params": params}, tokens, positions, None, segment_ids)
-    return hidden.astype(jnp.bfloat16)
-
-
-def _fingerprint(model: LoadedModel, rows: data_lib.Rows) -> str:
-    """A hash of the trunk (architecture and weights) and of the row layout: the cache's identity."""
-    h = hashlib.sha1(f"{model.source}|{model.cfg}".encode())
-    for a in jax.tree.leaves(model.params) + [rows.tokens, rows.positions, rows.segment_ids]:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
-
-
-def hidden_cache(model: LoadedModel, rows: data_lib.Rows, cache_dir: str, batch_size: int = 8,
-                 progress: bool = False, fingerprint: str | None = None) -> np.ndarray:
-    """The trunk's hidden states of every row, [R,T,D] bf16, from `cache_dir` or computed once and stored
-    there (written to a temporary file of this process, renamed when complete)."""
-    path = os.path.join(cache_dir, f"hidden_{fingerprint or _fingerprint(model, rows)}.npy")
-    if not os.path.isfile(path):
-        from tqdm import tqdm
-
-        os.makedirs(cache_dir, exist_ok=True)
-        R, T = rows.tokens.shape
-        tmp = f"{path}.{jax.process_index()}.tmp"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(R, T, model.cfg.hidden_size))
-        for start in tqdm(range(0, R, batch_size), desc="trunk hidden cache", disable=not progress):
-            idx = np.minimum(np.arange(start, start + batch_size), R - 1)  # the last batch repeats a row
-            h = trunk_hidden(model.params, rows.tokens[idx], rows.positions[idx], rows.segment_ids[idx], cfg=model.cfg)
-            n = min(batch_size, R - start)
-            out[start:start + n] = np.asarray(h)[:n].view(np.uint16)
-        out.flush()
-        del out
-        os.replace(tmp, path)
-    return np.load(path, mmap_mode="r").view(ml_dtypes.bfloat16)
-
-
-@functools.partial(jax.jit, static_argnames=("temperature",))
-def full_logz(hidden, w_vocab, *, temperature: float):
-    """log sum_v exp(W_v h / tau) [B,T] f32 of hidden states [B,T,D] (any float dtype), W [V,D]."""
-    logits = jnp.einsum("BTD,VD->BTV", hidden.astype(jnp.float32), w_vocab, preferred_element_type=jnp.float32)
-    return jax.nn.logsumexp(logits / temperature, axis=-1)
-
-
-def target_logz_cache(hidden: np.ndarray, w_vocab, temperature: float, path: str, batch_size: int = 4,
-                      progress: bool = False) -> np.ndarray:
-    """`full_logz` of every cached row, [R,T] f32, read from `path` or computed once and stored there."""
-    if not os.path.isfile(path):
-        from tqdm import tqdm
-
-        out = np.empty(hidden.shape[:2], np.float32)
-        for start in tqdm(range(0, len(hidden), batch_size), desc="target log-normalisers", disable=not progress):
-            out[start:start + batch_size] = full_logz(np.asarray(hidden[start:start + batch_size]), w_vocab,
-                                                      temperature=temperature)
-        tmp = f"{path}.{jax.process_index()}.tmp.npy"
-        np.save(tmp, out)
-        os.replace(tmp, path)
-    return np.load(path)
 
 
 def draft_vocabulary(rows: data_lib.Rows, vocab_size: int, size: int, always: tuple[int, ...]) -> np.ndarray:
@@ -194,7 +126,7 @@ def draft_inputs(cfg: TransformerConfig, mtp: MTPConfig, mtp_params, embedding, 
     """The inputs of `draft_loss` for a batch of rows, at the origins that count for some step.
 
     batch: hidden [B,T,D] (trunk, bf16), tokens, positions, segment_ids [B,T], completion [B,T] bool,
-    and with a draft sub-vocabulary target_logz [B,T] (`full_logz`); vocab_index [V] (`vocab_index`).
+    and with a draft sub-vocabulary target_logz [B,T] (`trunk_cache.full_logz`); vocab_index [V] (`vocab_index`).
     Returns h_drafts, h_targets [K, B*G, D], targets [K, B*G] (rows of the draft vocabulary when
     vocab_index is given), masks [K, B*G] and target_logz [K, B*G] (None without a sub-vocabulary), with
     G = num_origins >= every row's count of such origins (the gather is exact; fill entries point at
@@ -280,11 +212,11 @@ def train_step(state: TrainState, frozen, batch, cfg: TransformerConfig, mtp: MT
 
 def with_trunk_hidden(trunk, batch, cfg: TransformerConfig, temperature: float, target_logz: bool) -> dict:
     """`batch` with what the caches hold, computed per step (`pretrain.cache_hidden=false`): the trunk's
-    hidden states (`trunk_hidden`) and, for a draft sub-vocabulary, their log-normalisers (`full_logz`)."""
-    hidden = trunk_hidden(trunk, batch["tokens"], batch["positions"], batch["segment_ids"], cfg=cfg)
+    hidden states (`trunk_cache.trunk_hidden`) and, for a draft sub-vocabulary, their log-normalisers."""
+    hidden = trunk_cache.trunk_hidden(trunk, batch["tokens"], batch["positions"], batch["segment_ids"], cfg=cfg)
     batch = dict(batch, hidden=hidden)
     if target_logz:
-        batch["target_logz"] = full_logz(hidden, vocab_matrix(cfg, trunk), temperature=temperature)
+        batch["target_logz"] = trunk_cache.full_logz(hidden, vocab_matrix(cfg, trunk), temperature=temperature)
     return batch
 
 
@@ -332,7 +264,7 @@ def _initial_heads(cfg: Config, model: LoadedModel, mtp: MTPConfig, rows: data_l
             ids = draft_vocabulary(rows, model.cfg.vocab_size, min(pc.draft_vocab, model.cfg.vocab_size), tuple(eos))
         return init_heads(model, mtp, pc.init, jax.random.key(pc.seed)), ids
     try:
-        heads = load_mtp_heads(pc.init)
+        heads = load_mtp_heads(pc.init, model.cfg)
     except FileNotFoundError as e:
         raise ValueError(f"pretrain.init='{pc.init}': expected trunk, random or trained heads ({e})") from None
     if heads.cfg != mtp:
@@ -342,29 +274,6 @@ def _initial_heads(cfg: Config, model: LoadedModel, mtp: MTPConfig, rows: data_l
         raise ValueError(f"pretrain.init='{pc.init}' was trained with draft_vocab={size}; set "
                          f"pretrain.draft_vocab={size} to continue from it")
     return jax.tree.map(jnp.asarray, heads.params), heads.draft_ids
-
-
-def _caches(model: LoadedModel, rows: data_lib.Rows, w_vocab, pc, progress: bool):
-    """(hidden [R,T,D] bf16, target_logz [R,T] f32 or None without a draft sub-vocabulary (w_vocab None)),
-    read from `pc.cache_dir` or computed and stored there.
-
-    With several processes, process 0 computes what is missing while the others wait; they then read
-    its files, or, where cache_dir is a disk of their own (not shared with process 0), compute their own.
-    """
-    fingerprint = _fingerprint(model, rows)
-
-    def load():
-        hidden = hidden_cache(model, rows, pc.cache_dir, progress=progress, fingerprint=fingerprint)
-        if w_vocab is None:
-            return hidden, None
-        return hidden, target_logz_cache(hidden, w_vocab, pc.temperature, progress=progress, path=os.path.join(
-            pc.cache_dir, f"logz_{fingerprint}_t{pc.temperature:g}.npy"))
-
-    first = jax.process_index() == 0
-    caches = load() if first else None
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("pretrain-mtp caches")
-    return caches if first else load()
 
 
 def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) -> dict:
@@ -394,7 +303,7 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
     t0 = time.perf_counter()
     hidden = logz = None
     if pc.cache_hidden:
-        hidden, logz = _caches(model, rows, None if draft_ids is None else w_vocab, pc, progress)
+        hidden, logz = trunk_cache.load(model, rows, None if draft_ids is None else w_vocab, pc, progress)
     cache_seconds = time.perf_counter() - t0
     data_iter = data_lib.row_iterator(data_lib.RowSource(rows, hidden, logz), pc.batch_size, pc.seed, mesh, rules)
 

@@ -44,9 +44,35 @@ def sample(key: jax.Array, logits: jax.Array, temperature: float, top_p: float =
     if is_greedy(temperature):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if top_p < 1.0:
-        probs = probs_from_logits(logits, temperature, top_p)
-        return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits.astype(jnp.float32) / temperature, axis=-1).astype(jnp.int32)
+        return categorical(key, probs_from_logits(logits, temperature, top_p))
+    z = logits.astype(jnp.float32) / temperature
+    return categorical(key, jnp.exp(z - jnp.max(z, axis=-1, keepdims=True)))
+
+
+def _last_positive(w: jax.Array) -> jax.Array:
+    """Index of the last entry > 0 along the last axis of w [..., n]."""
+    return w.shape[-1] - 1 - jnp.argmax(jnp.flip(w > 0, axis=-1), axis=-1)
+
+
+def categorical(key: jax.Array, weights: jax.Array, block: int = 256) -> jax.Array:
+    """One draw per row from unnormalised weights [..., V] >= 0 (not all 0) -> int32 [...].
+
+    Inverse CDF with one uniform per row, searched in two levels (block sums, then one block of
+    `block` entries), so a draw costs a pass over the weights instead of the V Gumbel draws of
+    `jax.random.categorical` (1.0 against 29 ms for [32, 49152] f32 on this 2-core CPU). Entries of
+    weight 0 are never drawn, float rounding included.
+    """
+    *lead, V = weights.shape
+    w = weights.reshape(-1, V).astype(jnp.float32)
+    w = jnp.pad(w, ((0, 0), (0, -V % block))).reshape(w.shape[0], -1, block)  # [R, nb, block]
+    block_sums = jnp.sum(w, axis=-1)  # [R, nb]
+    cum_blocks = jnp.cumsum(block_sums, axis=-1)
+    u = (1.0 - jax.random.uniform(key, (w.shape[0],))) * cum_blocks[:, -1]  # in (0, total]
+    b = jnp.minimum(jnp.sum(cum_blocks < u[:, None], axis=-1), _last_positive(block_sums))  # [R]
+    before = jnp.take_along_axis(cum_blocks - block_sums, b[:, None], axis=-1)[:, 0]
+    row = jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]  # [R, block]
+    j = jnp.minimum(jnp.sum(before[:, None] + jnp.cumsum(row, axis=-1) < u[:, None], axis=-1), _last_positive(row))
+    return (b * block + j).astype(jnp.int32).reshape(lead)
 
 
 def token_logprob_and_entropy(logits: jax.Array, tokens: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:

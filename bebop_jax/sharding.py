@@ -35,6 +35,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bebop_jax.config import MeshConfig
@@ -246,7 +247,45 @@ def param_shardings(cfg: TransformerConfig, mesh: Mesh, rules: Rules) -> dict:
 
 def shard_params(params: dict, cfg: TransformerConfig, mesh: Mesh, rules: Rules) -> dict:
     """Places the trunk's parameters (host or device arrays, identical on every process) on the mesh."""
-    return jax.device_put(params, param_shardings(cfg, mesh, rules))
+    return put_global(params, param_shardings(cfg, mesh, rules))
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Leaves of `tree` laid out by `shardings` (a matching pytree, or one sharding for all) over
+    devices of any processes.
+
+    A global array split across processes is resharded by `jax.device_put`; a host value (numpy, a
+    scalar, an array on this process's devices, a replicated global array, a PRNG key) must hold the
+    same value on every process (seeds and rollouts here do), and each process fills the shards of its
+    own devices from it (`jax.make_array_from_callback`): `device_put` takes only addressable shardings.
+    """
+    def one(x, sh):
+        if jax.process_count() == 1:
+            return jax.device_put(x, sh)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), sh), impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return jax.device_put(x, sh)
+        host = np.asarray(x)  # a replicated global array reads its local copy
+        return jax.make_array_from_callback(host.shape, sh, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
+def host_value(tree: Any) -> Any:
+    """Numpy copies of the leaves of `tree` on this host, whole: `device_get` of arrays this process
+    holds entirely, an all-gather across processes of those it holds in part (rollouts on a mesh that
+    spans hosts). Every process must call it (a collective) where some leaf spans processes."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return jax.device_get(x)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(one, tree)
 
 
 def kernel_partition() -> Partition | None:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bebop_jax import sampling, sharding
-from bebop_jax.generate import cache_length_for, check_lengths, pad_prompts
+from bebop_jax.batching import cache_length_for, check_lengths, pad_prompts
 from bebop_jax.model.mtp import MTPConfig, MTPHeads, init_mtp_cache, vocab_matrix
 from bebop_jax.model.transformer import Transformer, TransformerConfig, init_cache, vocab_logits
 from kernels_pallas.rejection_sampling import rejection_sample
@@ -148,7 +148,7 @@ def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, emb
         key, sub = jax.random.split(key)
         d = jnp.argmax(q, axis=-1).astype(jnp.int32)
         if not sampling.is_greedy(temperature):
-            d = jnp.where(greedy_draft, d, jax.random.categorical(sub, jnp.log(q), axis=-1).astype(jnp.int32))
+            d = jnp.where(greedy_draft, d, sampling.categorical(sub, q))
         if draft_ids is not None:
             d = draft_ids[d]
             q = jnp.zeros((q.shape[0], vocab_size), q.dtype).at[:, draft_ids].set(q)
@@ -328,7 +328,7 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
     ids = None if draft_ids is None or mode == "none" else jnp.asarray(draft_ids, jnp.int32)
     rule = jnp.int32(RULES.index(mode) if mode in RULES else 0)
     state = decode(params, mtp_params, state, temperature, ids, rule, sampler=sampler, **static)
-    state = jax.device_get(state)
+    state = sharding.host_value(state.replace(trunk_cache=(), mtp_cache=(), draft_hidden=None, key=None))  # no caches
     N, steps = max_new_tokens, int(state.step)
     return Rollout(tokens=state.tokens[:, :N], num_tokens=state.num_tokens, logprobs=state.logprobs[:, :N],
                    entropies=state.entropies[:, :N], verify_steps=state.verify_steps, accepted=state.accepted,

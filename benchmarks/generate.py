@@ -13,7 +13,7 @@ import argparse
 import jax
 import numpy as np
 
-from bebop_jax.generate import cache_length_for
+from bebop_jax.batching import cache_length_for
 from bebop_jax.speculative import decode, prefill
 from bebop_jax.model import load_model
 from timing import median_seconds, write_result

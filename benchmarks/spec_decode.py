@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from bebop_jax.checkpoint import load_mtp_heads
-from bebop_jax.generate import pad_prompts
+from bebop_jax.batching import pad_prompts
 from bebop_jax.math_prompts import make_problem
 from bebop_jax.model import load_model
 from bebop_jax.speculative import combine_rollouts, frequent_tokens, speculative_generate
@@ -61,7 +61,7 @@ def main():
     args = ap.parse_args()
 
     model = load_model(args.model)
-    mtp_cfg, mtp_params, head_ids = load_mtp_heads(args.mtp)
+    mtp_cfg, mtp_params, head_ids = load_mtp_heads(args.mtp, model.cfg)
     # heads trained on a draft sub-vocabulary draft from it, whatever --draft-vocab says
     vocab_sizes = [len(head_ids)] if head_ids is not None else args.draft_vocab
     rng = np.random.default_rng(args.seed)

@@ -29,7 +29,7 @@ import numpy as np
 
 from bebop_jax import sampling, speculative
 from bebop_jax.checkpoint import load_mtp_heads
-from bebop_jax.generate import cache_length_for, pad_prompts
+from bebop_jax.batching import cache_length_for, pad_prompts
 from bebop_jax.math_prompts import make_problem
 from bebop_jax.model import load_model
 from bebop_jax.model.mtp import vocab_matrix
@@ -134,7 +134,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/spec_step_costs.json")
     args = ap.parse_args()
     model = load_model(args.model)
-    mtp_cfg, mtp_params, draft_ids = load_mtp_heads(args.mtp)
+    mtp_cfg, mtp_params, draft_ids = load_mtp_heads(args.mtp, model.cfg)
     if draft_ids is None:
         raise SystemExit(f"{args.mtp}: heads without a draft vocabulary; this benchmark times the engine's "
                          "sub-vocabulary path (train heads with pretrain.draft_vocab > 0)")

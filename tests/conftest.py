@@ -46,3 +46,13 @@ def smollm2():
 @pytest.fixture
 def rng():
     return np.random.RandomState(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny random chat model of tests/rl_tiny.py, saved once per session (an HF directory)."""
+    from tests.rl_tiny import make_tiny_chat_model
+
+    path = str(tmp_path_factory.mktemp("tiny_chat"))
+    make_tiny_chat_model(path)
+    return path

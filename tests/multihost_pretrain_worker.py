@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from bebop_jax import cli, pretrain_mtp  # imported before jax.distributed starts: importing must not start JAX
+from bebop_jax import cli, pretrain_mtp, trunk_cache  # imported before jax.distributed starts: importing must not start JAX
 from bebop_jax.model.transformer import TransformerConfig
 
 # One trunk layer; the widths, 4 q / 2 KV heads, MLP, vocabulary and the 24-id draft vocabulary divide 2.
@@ -39,7 +39,7 @@ def overrides(base: str, run: str, cache: str = "cache") -> list[str]:
 def main(process_id: str, num_processes: str, port: str, base: str) -> None:
     mesh = [f"mesh.coordinator_address=127.0.0.1:{port}", f"mesh.num_processes={num_processes}",
             f"mesh.process_id={process_id}", "mesh.fsdp=2", "mesh.tensor=2"]
-    train, check_finite, trunk_hidden = pretrain_mtp.train, pretrain_mtp._check_finite, pretrain_mtp.trunk_hidden
+    train, check_finite, trunk_hidden = pretrain_mtp.train, pretrain_mtp._check_finite, trunk_cache.trunk_hidden
     losses, summaries, trunk_calls = [], [], [0]
 
     def recorded_train(cfg):
@@ -57,7 +57,7 @@ def main(process_id: str, num_processes: str, port: str, base: str) -> None:
         trunk_calls[0] += 1
         return trunk_hidden(*args, **kwargs)
 
-    pretrain_mtp.train, pretrain_mtp.trunk_hidden = recorded_train, counted_trunk_hidden
+    pretrain_mtp.train, trunk_cache.trunk_hidden = recorded_train, counted_trunk_hidden
     pretrain_mtp._check_finite = interrupt
     try:
         cli.main(["pretrain-mtp", *overrides(base, "run"), *mesh])

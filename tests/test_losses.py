@@ -1,4 +1,4 @@
-"""The four draft losses (bebop_jax/losses.py) against a direct per-position computation in float64 numpy,
+"""The draft losses (bebop_jax/losses.py) against a direct per-position computation in float64 numpy,
 the identity alpha = sum min(p, q) = 1 - TV, the e2e-TV gradient against finite differences, and the
 loss masks of bebop_jax/data.py (prompt, padding, packed segments, the row end)."""
 
@@ -40,16 +40,28 @@ def _direct(kind, h_d, h_t, w, targets, masks, tau=TAU):
         for n in range(N):
             p, q = _softmax(w @ h_t[k, n] / tau), _softmax(w @ h_d[k, n] / tau)
             alpha[k, n] = np.minimum(p, q).sum()
-            per[k, n] = {"ce": -np.log(q[targets[k, n]]), "kl": np.sum(p * np.log(p / q)),
+            kl = np.sum(p * np.log(p / q))
+            per[k, n] = {"ce": -np.log(q[targets[k, n]]), "kl": kl, "lk_lambda": kl,
                          "tv": 0.5 * np.abs(p - q).sum()}.get(kind, 0.0)
     mean = lambda x, m: (x * m).sum(-1) / np.maximum(m.sum(-1), 1)  # noqa: E731
     chain_mask = np.cumprod(masks, axis=0)
     chain = mean(np.cumprod(alpha, axis=0), chain_mask)  # [K]
+    return _combine(kind, per, alpha, masks, chain), mean(alpha, masks), 1.0 + chain.sum()
+
+
+def _combine(kind, per, alpha, counted, chain, masks=None):
+    """The loss from per-position values per [K, N] (CE / KL / TV), alpha [K, N] and the chain [K]."""
+    masks = counted if masks is None else masks
+    mean = lambda x, m: (x * m).sum(-1) / np.maximum(m.sum(-1), 1)  # noqa: E731
+    a = mean(alpha, masks)
     if kind == "e2e_tv":
-        loss = -chain.mean()
-    else:
-        loss = mean(per, masks).mean()
-    return loss, mean(alpha, masks), 1.0 + chain.sum()
+        return -chain.mean()
+    if kind == "lk_alpha":
+        return -np.log(a).mean()
+    if kind == "lk_lambda":
+        lam = np.exp(-losses.LK_ETA * a)
+        return (lam * mean(per, masks) + (1 - lam) * (1 - a)).mean()
+    return mean(per, counted).mean()
 
 
 @pytest.mark.parametrize("kind", losses.LOSSES)
@@ -87,6 +99,27 @@ def test_alpha_is_sum_min_is_one_minus_tv():
     hd[0, 0], ht[0, 1] = 1.0, 1.0
     apart = losses.acceptance(jnp.asarray(hd, jnp.float32), jnp.asarray(ht, jnp.float32), jnp.asarray(w2, jnp.float32))
     assert float(apart[0]) < 1e-20
+
+
+@pytest.mark.parametrize("kind", ["lk_alpha", "lk_lambda"])
+def test_lk_gradients_match_finite_differences(kind):
+    h_d, h_t, w, targets, masks = _inputs(9)
+    args = (jnp.asarray(h_t, jnp.float32), jnp.asarray(targets), jnp.asarray(masks), jnp.asarray(w, jnp.float32))
+    grad = np.asarray(jax.grad(lambda hd: losses.draft_loss(kind, hd, *args, TAU)[0])(jnp.asarray(h_d, jnp.float32)))
+    v = np.random.default_rng(10).normal(size=h_d.shape)
+    eps = 1e-4
+    # lk_lambda's weight is a stop-gradient of alpha: hold it at its value at h_d
+    lam = np.exp(-losses.LK_ETA * _direct("tv", h_d, h_t, w, targets, masks)[1])
+
+    def value(hd):
+        if kind == "lk_alpha":
+            return _direct(kind, hd, h_t, w, targets, masks)[0]
+        kl, a = _direct("kl", hd, h_t, w, targets, masks)[0:2]
+        kl_per = np.array([_direct("kl", hd[k:k + 1].repeat(K, 0), h_t[k:k + 1].repeat(K, 0), w, targets,
+                                   masks[k:k + 1].repeat(K, 0))[0] for k in range(K)])
+        return np.mean(lam * kl_per + (1 - lam) * (1 - a))
+    fd = (value(h_d + eps * v) - value(h_d - eps * v)) / (2 * eps)
+    np.testing.assert_allclose(np.sum(grad * v), fd, rtol=2e-3, atol=1e-6)
 
 
 def test_e2e_tv_gradient_matches_finite_differences():
@@ -165,12 +198,13 @@ def test_draft_subvocabulary_losses_match_direct_computation(kind):
             p, q = _softmax(w @ h_t[k, n] / TAU)[ids], _softmax(w[ids] @ h_d[k, n] / TAU)
             alpha[k, n] = np.minimum(p, q).sum()
             p_renorm = p / p.sum()
-            per[k, n] = {"ce": -np.log(q[max(sub_targets[k, n], 0)]), "kl": np.sum(p_renorm * np.log(p_renorm / q)),
+            kl = np.sum(p_renorm * np.log(p_renorm / q))
+            per[k, n] = {"ce": -np.log(q[max(sub_targets[k, n], 0)]), "kl": kl, "lk_lambda": kl,
                          "tv": 1.0 - alpha[k, n]}.get(kind, 0.0)
     mean = lambda x, m: (x * m).sum(-1) / np.maximum(m.sum(-1), 1)  # noqa: E731
     chain = mean(np.cumprod(alpha, 0), np.cumprod(masks, 0))
     counted = masks & (sub_targets >= 0) if kind == "ce" else masks
-    want = -chain.mean() if kind == "e2e_tv" else mean(per, counted).mean()
+    want = _combine(kind, per, alpha, counted, chain, masks)
     np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(metrics["alpha"]), mean(alpha, masks), rtol=2e-5)
     np.testing.assert_allclose(float(metrics["expected_length"]), 1.0 + chain.sum(), rtol=2e-5)

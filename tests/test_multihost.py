@@ -57,15 +57,21 @@ def run_workers(out_dir, module: str = "tests.multihost_worker", optimize: bool 
     procs = [subprocess.Popen([sys.executable, "-m", module, str(i), str(NUM_PROCESSES), port, str(out_dir)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(NUM_PROCESSES)]
+    return collect(procs, out_dir)
+
+
+def collect(procs: list[subprocess.Popen], out_dir, timeout: float = 300) -> list[dict]:
+    """Waits for the worker processes (killing stragglers), checks that each exited 0 and returns
+    their {out_dir}/process{i}.json."""
     try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for i, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
-    return [json.loads((out_dir / f"process{i}.json").read_text()) for i in range(NUM_PROCESSES)]
+    return [json.loads((out_dir / f"process{i}.json").read_text()) for i in range(len(procs))]
 
 
 def global_batches(num_steps: int) -> list[np.ndarray]:

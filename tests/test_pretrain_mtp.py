@@ -5,6 +5,7 @@ speed-up, a NaN stops the run naming its step), eval-acceptance's report, checkp
 All training runs share one StepSettings (same loss, schedule and shapes), so the train step compiles once.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,14 +16,15 @@ import numpy as np
 import pytest
 
 from bebop_jax import data as data_lib
-from bebop_jax import eval_acceptance, pretrain_mtp
-from bebop_jax.checkpoint import RunCheckpoints, export_hf_with_mtp, load_mtp_heads
+from bebop_jax import eval_acceptance, pretrain_mtp, trunk_cache
+from bebop_jax.checkpoint import RunCheckpoints, export_hf_with_mtp, load_mtp_heads, save_heads_file
 from bebop_jax.cli import _PRETRAIN_FLAGS, _config_from_args, build_parser
 from bebop_jax.config import load_config
 from bebop_jax.distributed import Preempted
 from bebop_jax.losses import draft_loss
 from bebop_jax.model import LoadedModel, load_model
 from bebop_jax.model.mtp import MTPConfig, vocab_matrix
+from bebop_jax.model.weights import WeightsError
 from bebop_jax.model.transformer import TransformerConfig, init_params
 
 TINY = TransformerConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -65,7 +67,8 @@ def test_sample_shards_hold_prompt_and_completion(tiny):
     model, base, prompts = tiny
     seqs = data_lib.read_shards(str(base / "data/train"))
     assert len(seqs) == 48
-    for tokens, prompt_len, prompt in zip(seqs.tokens, seqs.prompt_lengths, prompts[16:]):
+    by_length = sorted(prompts[16:], key=len)  # batches take the prompts shortest first (stable)
+    for tokens, prompt_len, prompt in zip(seqs.tokens, seqs.prompt_lengths, by_length):
         assert prompt_len == len(prompt) and tokens[:prompt_len].tolist() == prompt
         assert len(tokens) == prompt_len + NEW_TOKENS and tokens.min() >= 0
     mtime = os.path.getmtime(base / "data/train/shard_00000.npz")
@@ -234,7 +237,7 @@ def test_draft_subvocabulary_run_learns_saves_its_ids_and_continues(tiny):
         batch["hidden"], _ = pretrain_mtp.Transformer(TINY).apply({"params": trunk}, batch["tokens"],
                                                                   batch["positions"], None, batch["segment_ids"])
         w = vocab_matrix(TINY, trunk)
-        batch["target_logz"] = pretrain_mtp.full_logz(batch["hidden"], w, temperature=1.0)
+        batch["target_logz"] = trunk_cache.full_logz(batch["hidden"], w, temperature=1.0)
         inputs = pretrain_mtp.draft_inputs(TINY, mtp, heads, trunk["embedding"], batch, num_origins, index)
         return draft_loss("tv", *inputs[:4], w[ids], 1.0, target_logz=inputs[4])[1]
 
@@ -260,14 +263,14 @@ def test_nan_loss_stops_naming_the_step(tiny, monkeypatch):
     it = data_lib.row_iterator(data_lib.RowSource(rows), 4, cfg.pretrain.seed)
     first = next(s for s in range(1, STEPS + 1)
                  if (next(it)["tokens"] == rows.tokens[bad_row]).all(axis=1).any())
-    real_cache = pretrain_mtp.hidden_cache
+    real_cache = trunk_cache.hidden_cache
 
     def cache_with_nan(*args, **kwargs):
         hidden = np.array(real_cache(*args, **kwargs))
         hidden[bad_row, 3] = np.nan
         return hidden
 
-    monkeypatch.setattr(pretrain_mtp, "hidden_cache", cache_with_nan)
+    monkeypatch.setattr(trunk_cache, "hidden_cache", cache_with_nan)
     with pytest.raises(FloatingPointError, match=f"nan at step {first};"):
         pretrain_mtp.train(cfg, model, progress=False)
     latest = RunCheckpoints(str(base / "nan")).latest_step()
@@ -328,6 +331,29 @@ def test_checkpoint_keys_and_export_roundtrip(tiny, full_run, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), heads, heads2)
     trunk = load_model(str(tmp_path / "hf"))  # the trunk loader passes over the mtp.* tensors
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), trunk.params, model.params)
+
+
+def test_heads_file_roundtrip_and_refusals(tiny, full_run, tmp_path):
+    model, base, _ = tiny
+    mtp, heads, _ = load_mtp_heads(str(base / "full"), TINY)
+    path = str(tmp_path / "heads.safetensors")
+    save_heads_file(path, TINY, mtp, heads, np.array([1, 4, 9]), model="tiny")
+    mtp2, heads2, ids2 = load_mtp_heads(path, TINY)
+    assert mtp2 == mtp
+    np.testing.assert_array_equal(ids2, [1, 4, 9])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3), heads, heads2)  # bf16
+    wider = dataclasses.replace(TINY, hidden_size=48, vocab_size=80)
+    with pytest.raises(WeightsError, match=r"hidden_size: heads 32, model 48.*vocab_size|vocab_size: heads 64, model 80"):
+        load_mtp_heads(path, wider)
+    save_heads_file(path, TINY, mtp, heads, np.array([1, 4, 70]), model="tiny")
+    with pytest.raises(WeightsError, match="outside the model's vocabulary of 64"):
+        load_mtp_heads(path, TINY)
+    with open(path, "r+b") as f:  # a truncated download
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        load_mtp_heads(path, TINY)
+    with pytest.raises(WeightsError, match=r"block.*expected|missing"):  # a run's heads for another width
+        load_mtp_heads(str(base / "full"), dataclasses.replace(TINY, intermediate_size=64))
 
 
 def test_cli_flags_map_onto_config_keys():

@@ -15,16 +15,9 @@ import pytest
 from bebop_jax.checkpoint import RunCheckpoints
 from bebop_jax.config import load_config
 from bebop_jax.rl.loop import read_history, train_rl
-from tests.rl_tiny import DigitsEnv, make_tiny_chat_model
+from tests.rl_tiny import DigitsEnv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_chat"))
-    make_tiny_chat_model(path)
-    return path
 
 
 def _cfg(tiny_dir, run_dir, *overrides):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bebop_jax.model import weights as weights_lib
-from bebop_jax.model.transformer import Block, KVCache, RMSNorm, TransformerConfig, param_with_axes, rope_tables
+from bebop_jax.model.transformer import Block, KVCache, RMSNorm, empty_kv, TransformerConfig, param_with_axes, rope_tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +95,8 @@ def init_mtp_params(cfg: TransformerConfig, mtp: MTPConfig, key: jax.Array) -> d
 
 
 def init_mtp_cache(cfg: TransformerConfig, mtp: MTPConfig, batch: int, length: int) -> tuple[KVCache, ...]:
-    """One empty KV cache per MTP layer, [B, K, length, H] each."""
-    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-    return tuple(KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
-                 for _ in range(mtp.num_layers))
+    """One empty KV cache per MTP layer, laid out as the trunk's (`transformer.KVCache`)."""
+    return tuple(empty_kv(cfg, batch, length) for _ in range(mtp.num_layers))
 
 
 def mtp_logical_axes(cfg: TransformerConfig, mtp: MTPConfig) -> dict:

@@ -80,8 +80,11 @@ class TransformerConfig:
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of one attention layer: k, v [B, K, S, H] (heads before slots: the layout both
-    attention einsums read without a transpose, as MaxText's kvcache orders it)."""
+    """Keys and values of one attention layer: k [B, K, H, S], v [B, K, S, H].
+
+    Heads lead (as MaxText's kvcache orders them); keys are slot-minor so that q.k^T, which contracts
+    H, is a plain matmul on both backends: with keys [B, K, S, H] XLA:CPU ran the scores of a decode
+    step 4.8x slower (0.47 against 2.24 ms per SmolLM2 layer at batch 32, 384 slots)."""
 
     k: jax.Array
     v: jax.Array
@@ -89,12 +92,19 @@ class KVCache:
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> tuple[KVCache, ...]:
     """An empty cache of `length` slots per sequence, one KVCache per layer."""
-    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    return tuple(empty_kv(cfg, batch, length, dtype) for _ in range(cfg.num_layers))
+
+
+def empty_kv(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> KVCache:
+    """One layer's zero KVCache of `length` slots."""
     dtype = dtype or cfg.compute_dtype
-    return tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+    K, H = cfg.num_kv_heads, cfg.head_dim
+    return KVCache(jnp.zeros((batch, K, H, length), dtype), jnp.zeros((batch, K, length, H), dtype))
 
 
-CACHE_AXES: Axes = ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")
+# Logical axes of KVCache.k and KVCache.v.
+CACHE_AXES = KVCache(k=("cache_batch", "cache_kv_heads", "head_dim", "cache_length"),
+                     v=("cache_batch", "cache_kv_heads", "cache_length", "head_dim"))
 
 
 def rope_inv_freq(cfg: TransformerConfig) -> np.ndarray:
@@ -176,30 +186,33 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is None:
-            keys, values, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions  # [B, K, S=T, H]
+            keys, values, key_pos = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), positions  # S = T
             valid = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
             if segment_ids is not None:
                 valid &= segment_ids[:, None, :] == segment_ids[:, :, None]
         else:
             batch_idx = jnp.arange(x.shape[0])[:, None]  # [B, 1]
-            # [B, K, S, H] indexed at (b, :, positions[b, t]): the update is [B, T, K, H], k's own layout
+            # indexed at (b, ..., positions[b, t]) both updates are [B, T, K, H], k's own layout
             cache = KVCache(
-                k=cache.k.at[batch_idx, :, positions].set(k.astype(cache.k.dtype), mode="drop"),
+                k=cache.k.at[batch_idx, :, :, positions].set(k.astype(cache.k.dtype), mode="drop"),
                 v=cache.v.at[batch_idx, :, positions].set(v.astype(cache.v.dtype), mode="drop"),
             )
-            cache = KVCache(nn.with_logical_constraint(cache.k, CACHE_AXES),
-                            nn.with_logical_constraint(cache.v, CACHE_AXES))
+            cache = KVCache(nn.with_logical_constraint(cache.k, CACHE_AXES.k),
+                            nn.with_logical_constraint(cache.v, CACHE_AXES.v))
             keys, values = cache.k.astype(dt), cache.v.astype(dt)
-            slots = jnp.arange(keys.shape[2])  # [S]
+            slots = jnp.arange(keys.shape[3])  # [S]
             valid = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
 
         B, T = x.shape[:2]
-        qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
-        scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(H)
-        scores = jnp.where(valid[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        G = N // K
+        # queries of a KV head as the rows of one matmul: [B, K, T*G, H] (head n = k * G + g)
+        qg = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+        scores = jnp.matmul(qg, keys, preferred_element_type=jnp.float32) / math.sqrt(H)  # [B, K, T*G, S]
+        valid = jnp.repeat(valid, G, axis=1)[:, None]  # [B, 1, T*G, S]
+        scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values).reshape(B, T, N, H)
+        out = jnp.matmul(probs, values)  # [B, K, T*G, H]
+        out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
         y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
         return y, cache
 

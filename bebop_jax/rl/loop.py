@@ -6,11 +6,15 @@ actor's data x tensor), one shared mesh otherwise. The learner state (policy, op
 learner mesh, placed by its logical axes, and is updated by a `sharded_jit` step; the actor samples on
 its own mesh with weights that `publish` copied there (`jax.device_put` onto the actor's shardings: a
 reshard across the two device sets, a plain copy where they are shared), tagged with the policy version.
-One process only for now: the actor reads its rollouts back to the host (`speculative_generate`), which
-needs every rollout row addressable by this process.
+On several processes (a pod) every process runs this loop in step: each rolls out every row of the batch on
+the actor mesh and reads the rollout back whole (`sharding.host_value`: an all-gather), so all score the
+same rows and hold the same host trajectories, which become global arrays on the learner mesh
+(`sharding.put_global`); process 0 alone writes logs, metrics and the summary; all write the checkpoint.
 
 Async: one actor thread rolls out batch i with the newest published weights once the published
-version is >= i - max_staleness, and puts it on a bounded queue; the learner (main thread) takes
+version is >= i - max_staleness, and puts it on a bounded queue (on several processes the actor runs in
+turn with the learner on the main thread instead, on the weights last published: collectives must be
+issued in one order on every process, which two threads do not guarantee); the learner (main thread) takes
 batches, drops those whose version lags its own by more than `max_staleness` (counted), updates, and
 publishes its weights every `publish_every` steps. Sync: publish, rollout, update, in turn.
 Batch i's tasks and keys derive from (seed, i) only, so sync and async with staleness 0 make the
@@ -217,10 +221,13 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     if spec.mode != "none":
         if spec.mtp_checkpoint is None:
             raise ValueError(f"speculative.mode={spec.mode} needs speculative.mtp_checkpoint (trained MTP heads)")
-        mtp_cfg, mtp_params, draft_ids = load_mtp_heads(spec.mtp_checkpoint)
+        mtp_cfg, mtp_params, draft_ids = load_mtp_heads(spec.mtp_checkpoint, model.cfg)
         mtp_cfg = dataclasses.replace(mtp_cfg, num_steps=max(mtp_cfg.num_steps, spec.num_draft))
     if rl.mtp_strategy != "frozen" and mtp_params is None:
         raise ValueError(f"rl.mtp_strategy={rl.mtp_strategy} needs MTP heads (speculative.mtp_checkpoint)")
+    if rl.mtp_strategy != "frozen" and jax.process_count() > 1:
+        raise ValueError(f"rl.mtp_strategy={rl.mtp_strategy} runs on one process; on {jax.process_count()} use "
+                         "the default, frozen heads")
     heads_sh = lambda mesh, rules: sharding.logical_to_sharding(  # noqa: E731
         sharding.abstract_heads(model.cfg, mtp_cfg), mesh, rules)
     actor_params_sh = sharding.param_shardings(model.cfg, actor_mesh, actor_rules)
@@ -237,7 +244,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     settings = _settings(cfg)
     state_sh, traj_sh, logprobs, update = _learner_fns(model.cfg, settings, num_groups, learner_mesh, learner_rules,
                                                        actor.rows_for(rl.prompts_per_step), actor.length)
-    params = jax.device_put(model.params, state_sh.params)  # may share model.params' buffers
+    params = sharding.put_global(model.params, state_sh.params)  # may share model.params' buffers
     ref_params = params if rl.kl_coef > 0 else None
     state = place_learner(params, settings, state_sh)
     updater = None
@@ -247,7 +254,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
 
     os.makedirs(rl.run_dir, exist_ok=True)
     ckpt = RunCheckpoints(rl.run_dir)
-    key = jax.random.key(rl.seed)
+    key = sharding.put_global(jax.random.key(rl.seed), NamedSharding(learner_mesh, PartitionSpec()))  # checkpointed
     next_batch, dropped, start = 0, 0, 0
     whole = lambda: {"learner": state, "key": key,  # noqa: E731
                      "mtp": None if updater is None else {"params": updater.state.params,
@@ -267,17 +274,19 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
         ckpt.save(step, whole(), None, {"next_batch": next_batch, "dropped": dropped, "config": to_dict(cfg)})
         ckpt.manager.wait_until_finished()
 
-    writer = SummaryWriter(os.path.join(rl.run_dir, "tb"))
-    history_file = open(os.path.join(rl.run_dir, "metrics.jsonl"), "a")
+    lead = jax.process_index() == 0  # the one process that writes logs, metrics and the summary
+    writer = SummaryWriter(os.path.join(rl.run_dir, "tb")) if lead else None
+    history_file = open(os.path.join(rl.run_dir, "metrics.jsonl"), "a") if lead else None
 
     def run_eval(step: int) -> None:
         with sharding.use_mesh(actor_mesh, actor_rules):
             result = {"step": step, **evaluate(publish(state.params, actor_params_sh, model.cfg.compute_dtype))}
-        for name in ("accuracy", "response_length"):
-            writer.add_scalar(f"eval/{name}", result[name], step)
-        append_evals(rl.run_dir, [result])
+        if lead:
+            for name in ("accuracy", "response_length"):
+                writer.add_scalar(f"eval/{name}", result[name], step)
+            append_evals(rl.run_dir, [result])
 
-    bar = tqdm(total=rl.steps, initial=start, desc=f"rl {rl.loop} {spec.mode}", disable=not progress)
+    bar = tqdm(total=rl.steps, initial=start, desc=f"rl {rl.loop} {spec.mode}", disable=not (progress and lead))
     last_step = rl.steps if stop_at_step is None else min(rl.steps, stop_at_step)
     stop = threading.Event()
     batches: queue.Queue = queue.Queue(maxsize=rl.queue_size)
@@ -286,7 +295,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
 
     def produce(index: int, params, heads, version: int):
         """Batch `index` rolled out on the actor mesh with published `params` and `heads` of policy `version`."""
-        rollout_key = jax.device_put(jax.random.fold_in(key, index), on_actor)
+        rollout_key = sharding.put_global(jax.random.fold_in(key, index), on_actor)
         with sharding.use_mesh(actor_mesh, actor_rules):
             actor.mtp_params = heads
             traj, metrics = actor.rollout(params, version, rollout_key, _tasks(env, cfg, index))
@@ -312,8 +321,12 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
             stop.set()
 
     thread = None
+    # On several processes every collective must be issued in one order on all of them: the actor then
+    # rolls out in turn with the learner, on the weights last published (no overlap, same staleness rule).
+    threaded = rl.loop == "async" and jax.process_count() == 1
     if rl.loop == "async" and start < last_step:
         published = _Published(publish(state.params, actor_params_sh, model.cfg.compute_dtype), actor_heads, start)
+    if threaded and start < last_step:
         thread = threading.Thread(target=actor_thread, args=(next_batch,), daemon=True, name="actor")
         thread.start()
     t_start = time.perf_counter()
@@ -325,6 +338,8 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
             while step < last_step:
                 if rl.loop == "sync":
                     index, traj, am = produce(next_batch, publish(state.params, actor_params_sh, model.cfg.compute_dtype), actor_heads, step)
+                elif not threaded:
+                    index, traj, am = produce(next_batch, *published.value)
                 else:
                     while True:
                         if errors:
@@ -340,13 +355,14 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                     dropped += 1
                     continue
                 t0 = time.perf_counter()
-                logp_prox = logprobs(state.params, traj.tokens)
-                logp_ref = None if ref_params is None else logprobs(ref_params, traj.tokens)
+                batch = sharding.put_global(traj, traj_sh)  # host rows (the same on every process) -> the mesh
+                logp_prox = logprobs(state.params, batch.tokens)
+                logp_ref = None if ref_params is None else logprobs(ref_params, batch.tokens)
                 extra = {}
                 if updater is not None:
                     with sharding.use_mesh(learner_mesh, learner_rules):
                         extra = updater.update(state.params, traj)
-                state, lm = update(state, traj, logp_prox, logp_ref)
+                state, lm = update(state, batch, logp_prox, logp_ref)
                 lm = {k: float(v) for k, v in jax.device_get(lm).items()}
                 if not np.isfinite(lm["loss"]):
                     raise FloatingPointError(f"RL loss is {lm['loss']} at learner step {step + 1}")
@@ -358,10 +374,11 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                         actor_heads = publish(updater.state.params, actor_heads_sh)
                     if rl.loop == "async":
                         published.publish(publish(state.params, actor_params_sh, model.cfg.compute_dtype), actor_heads, step)
-                for name, value in metrics.items():
-                    writer.add_scalar(f"rl/{name}", value, step)
-                history_file.write(json.dumps({"step": step, **metrics}) + "\n")
-                history_file.flush()
+                if lead:
+                    for name, value in metrics.items():
+                        writer.add_scalar(f"rl/{name}", value, step)
+                    history_file.write(json.dumps({"step": step, **metrics}) + "\n")
+                    history_file.flush()
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.2f}",
                                 accept=f"{metrics.get('draft_acceptance_rate', float('nan')):.2f}")
@@ -377,13 +394,15 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
         if thread is not None:
             thread.join(timeout=60)
         bar.close()
-        writer.close()
-        history_file.close()
+        if lead:
+            writer.close()
+            history_file.close()
         ckpt.close()
-    summary = summarise_run(rl.run_dir)
+    summary = summarise_run(rl.run_dir) if lead else {}
     summary.update(steps=step, dropped=dropped, mode=spec.mode, loop=rl.loop)
-    with open(os.path.join(rl.run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if lead:
+        with open(os.path.join(rl.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 

@@ -1,0 +1,48 @@
+"""One process of the multi-process RL tests: `python -m tests.multihost_rl_worker PROCESS_ID NUM_PROCESSES PORT
+TINY_DIR RUN_DIR LOOP STEPS`.
+
+Every process runs `train_rl` on the tiny chat model with the DigitsEnv over one mesh of all devices of all
+processes (fsdp=2 x tensor=2 on 4 devices: 2 processes x 2, 4 x 1, or 1 x 4 as the reference). Process
+`PROCESS_ID` writes `{RUN_DIR}/process{PROCESS_ID}.json`: the learner losses, the summary and a checksum of
+the final parameters, as every process sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from bebop_jax import distributed  # imported before jax.distributed starts: importing must not start JAX
+from bebop_jax.config import load_config
+
+
+def config(tiny_dir: str, run_dir: str, loop: str, steps: int, *mesh: str):
+    return load_config(None, [f"model.source={tiny_dir}", f"rl.run_dir={run_dir}", "rl.prompts_per_step=2",
+                              "rl.group_size=4", "rl.max_new_tokens=12", "rl.max_prompt_tokens=16",
+                              "rl.learning_rate=1e-3", f"rl.steps={steps}", f"rl.loop={loop}", "rl.max_staleness=1",
+                              "rl.checkpoint_every=2", "mesh.fsdp=2", "mesh.tensor=2", *mesh])
+
+
+def main(process_id: str, num_processes: str, port: str, tiny_dir: str, run_dir: str, loop: str, steps: str) -> None:
+    mesh = [] if num_processes == "1" else [f"mesh.coordinator_address=127.0.0.1:{port}",
+                                            f"mesh.num_processes={num_processes}", f"mesh.process_id={process_id}"]
+    cfg = config(tiny_dir, run_dir, loop, int(steps), *mesh)
+    distributed.initialize(cfg.mesh)
+    import jax
+    import numpy as np
+
+    from bebop_jax.rl.loop import read_history, train_rl
+    from tests.rl_tiny import DigitsEnv
+
+    summary = train_rl(cfg, env=DigitsEnv(), progress=False)
+    history = read_history(run_dir)
+    result = {"process": jax.process_index(), "devices": jax.device_count(), "summary": summary,
+              "losses": [h["loss"] for h in history], "rewards": [h["reward"] for h in history]}
+    with open(os.path.join(run_dir, f"process{process_id}.json"), "w") as f:
+        json.dump(result, f)
+    del np
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,46 @@
+"""`sampling.categorical`: exact draws by a two-level inverse CDF (checked against the weights)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from bebop_jax import sampling
+
+
+@pytest.mark.parametrize("vocab,block", [(1000, 256), (517, 64), (49152, 256)])
+def test_draws_follow_the_weights_and_never_hit_zeros(vocab, block):
+    rng = np.random.default_rng(vocab)
+    w = rng.gamma(0.3, size=vocab).astype(np.float32)
+    w[rng.random(vocab) < 0.4] = 0.0  # whole stretches of zero weight, the padded tail included
+    w[-3:] = 0.0
+    w[:5] *= 50.0  # a few heavy tokens as in a peaked policy
+    n = 40_000
+    draws = np.asarray(sampling.categorical(jax.random.key(0), jnp.broadcast_to(jnp.asarray(w), (n, vocab)),
+                                            block=block))
+    assert draws.dtype == np.int32 and draws.shape == (n,)
+    assert np.all(w[draws] > 0), "drew a token of weight 0"
+    p = w.astype(np.float64) / w.astype(np.float64).sum()
+    heavy = p > 10 / n  # tokens expected often enough for a chi-square cell; the rest pooled
+    observed = np.append(np.bincount(draws, minlength=vocab)[heavy], np.sum(~heavy[draws]))
+    expected = n * np.append(p[heavy], p[~heavy].sum())
+    assert stats.chisquare(observed, expected).pvalue > 1e-4
+
+
+def test_leading_axes_and_independent_rows():
+    w = jnp.ones((3, 4, 300))
+    draws = sampling.categorical(jax.random.key(1), w)
+    assert draws.shape == (3, 4)
+    assert len(set(np.asarray(draws).ravel().tolist())) > 6  # rows draw with their own uniforms
+    one_hot = jnp.zeros((2, 300)).at[0, 7].set(1.0).at[1, 299].set(2.0)
+    assert np.asarray(sampling.categorical(jax.random.key(2), one_hot)).tolist() == [7, 299]
+
+
+def test_sample_at_temperature_matches_softmax():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=64).astype(np.float32) * 2)
+    n, t = 30_000, 0.7
+    draws = np.asarray(sampling.sample(jax.random.key(3), jnp.broadcast_to(logits, (n, 64)), t))
+    p = np.asarray(jax.nn.softmax(logits / t), np.float64)
+    p /= p.sum()
+    assert stats.chisquare(np.bincount(draws, minlength=64), n * p).pvalue > 1e-4
