@@ -333,6 +333,12 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    except (FileNotFoundError, ValueError) as e:
+        from bebop_jax.model.weights import WeightsError
+
+        if isinstance(e, (WeightsError, FileNotFoundError)):  # a missing or corrupt model or heads file: one line
+            raise SystemExit(f"error: {e}") from None
+        raise
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ TINY_DIR RUN_DIR LOOP STEPS`.
 Every process runs `train_rl` on the tiny chat model with the DigitsEnv over one mesh of all devices of all
 processes (fsdp=2 x tensor=2 on 4 devices: 2 processes x 2, 4 x 1, or 1 x 4 as the reference). Process
 `PROCESS_ID` writes `{RUN_DIR}/process{PROCESS_ID}.json`: the learner losses, the summary and a checksum of
-the final parameters, as every process sees them.
+the final parameters, as every process sees them, and how the trunk loaded (straight into its shards).
 """
 
 from __future__ import annotations
@@ -30,18 +30,29 @@ def main(process_id: str, num_processes: str, port: str, tiny_dir: str, run_dir:
     cfg = config(tiny_dir, run_dir, loop, int(steps), *mesh)
     distributed.initialize(cfg.mesh)
     import jax
-    import numpy as np
 
     from bebop_jax.rl.loop import read_history, train_rl
     from tests.rl_tiny import DigitsEnv
 
-    summary = train_rl(cfg, env=DigitsEnv(), progress=False)
+    from bebop_jax import sharding
+    from bebop_jax.model import load_model
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    model = load_model(tiny_dir, shardings=lambda c: sharding.param_shardings(
+        c, mesh, sharding.make_rules(mesh, cfg.mesh.rules, sharding.trunk_dims(c))))
+    loading = {"sharded": [], "whole_on_one_device": 0}
+    for x in jax.tree.leaves(model.params):
+        shard = x.sharding.shard_shape(x.shape)
+        held = {tuple(s.data.shape) for s in x.addressable_shards}
+        loading["sharded"].append(shard != x.shape and held == {shard})
+    big = {x.shape for x in jax.tree.leaves(model.params) if x.sharding.shard_shape(x.shape) != x.shape}
+    loading["whole_on_one_device"] = sum(len(a.devices()) == 1 and a.shape in big for a in jax.live_arrays())
+    summary = train_rl(cfg, model=model, env=DigitsEnv(), progress=False)
     history = read_history(run_dir)
-    result = {"process": jax.process_index(), "devices": jax.device_count(), "summary": summary,
+    result = {"process": jax.process_index(), "devices": jax.device_count(), "summary": summary, "loading": loading,
               "losses": [h["loss"] for h in history], "rewards": [h["reward"] for h in history]}
     with open(os.path.join(run_dir, f"process{process_id}.json"), "w") as f:
         json.dump(result, f)
-    del np
 
 
 if __name__ == "__main__":

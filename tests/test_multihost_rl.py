@@ -65,6 +65,8 @@ def test_sync_steps_on_several_processes_equal_one_process(tiny_dir, tmp_path, n
     ref = finish(start(1, tiny_dir, tmp_path / "one", "sync", 2), tmp_path / "one")[0]
     got = finish(start(num_processes, tiny_dir, tmp_path / "many", "sync", 2), tmp_path / "many")
     assert all(g["devices"] == 4 for g in got)
+    for g in got:  # the trunk loaded tensor by tensor straight into its shards: no whole copy on any device
+        assert g["loading"]["whole_on_one_device"] == 0 and sum(g["loading"]["sharded"]) >= 10
     np.testing.assert_allclose(got[0]["losses"], ref["losses"], atol=1e-5)
     assert got[0]["rewards"] == ref["rewards"]  # the same rollouts, scored the same
     assert not (tmp_path / "many/process1.json").read_text() == ""  # every process finished

@@ -95,3 +95,19 @@ def test_save_hf_rejects_nothing_silently(hf_tiny, tmp_path):
     params["layers_0"]["mlp"]["up"] = np.zeros((3, 3), np.float32)
     with pytest.raises(WeightsError, match="layers_0/mlp/up"):
         save_hf(str(tmp_path / "x"), cfg, params)
+
+
+def test_corrupt_gguf_files_are_one_line_errors(tmp_path):
+    from bebop_jax import cli
+    from bebop_jax.model import registered_path
+
+    real = registered_path("smollm2-135m-instruct")
+    truncated, foreign = tmp_path / "truncated.gguf", tmp_path / "foreign.gguf"
+    with open(real, "rb") as f:
+        truncated.write_bytes(f.read(1_000_000))  # a download cut short
+    foreign.write_bytes(b"not a gguf file at all")
+    for path in (truncated, foreign):
+        with pytest.raises(WeightsError, match=f"{path} is not a readable GGUF file"):
+            load_model(str(path))
+        with pytest.raises(SystemExit, match=r"^error: .* is not a readable GGUF file \(.*\)$"):
+            cli.main(["generate", "--model", str(path), "--prompt", "hi"])

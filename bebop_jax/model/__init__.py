@@ -54,16 +54,39 @@ def resolve_source(source: str) -> str:
     )
 
 
-def load_model(source: str, dtype: str = "float32") -> LoadedModel:
-    """Loads a trunk and its tokenizer from a registered name, an HF directory or a GGUF file."""
+def load_model(source: str, dtype: str = "float32", shardings=None) -> LoadedModel:
+    """Loads a trunk and its tokenizer from a registered name, an HF directory or a GGUF file.
+
+    Tensors are read one at a time. shardings(cfg) -> a pytree of NamedShardings shaped like the
+    parameters (optional, e.g. `sharding.param_shardings` on a mesh that may span processes): each
+    parameter then goes straight to its shards (each process fills its own devices' shards), so no
+    device holds more than its shards and the host one tensor; by default every parameter is on the
+    default device.
+    """
     path = resolve_source(source)
+    place = None
+    if shardings is not None:
+        from bebop_jax.sharding import put_global
+
+        def place(cfg):
+            tree = shardings(cfg)
+
+            def one(path_in_tree, value):
+                node = tree
+                for part in path_in_tree:
+                    node = node[part]
+                return put_global(value, node)
+
+            return one
     if path.endswith(".gguf"):
-        cfg, params, reader = weights.load_gguf(path, dtype)
+        cfg, params, reader = weights.load_gguf(path, dtype, place)
         tok = tokenizer_lib.tokenizer_from_gguf(reader)
     else:
-        cfg, params = weights.load_hf(path, dtype)
+        cfg, params = weights.load_hf(path, dtype, place)
         tok = tokenizer_lib.tokenizer_from_hf_dir(path)
-    return LoadedModel(cfg, jax.tree.map(jnp.asarray, params), tok, path)
+    if place is None:
+        params = jax.tree.map(jnp.asarray, params)
+    return LoadedModel(cfg, params, tok, path)
 
 
 def export_hf(model: LoadedModel, path: str, max_shard_bytes: int | None = None) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -66,29 +66,56 @@ def hf_tensor_map(cfg: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...]
         yield "lm_head.weight", ("lm_head",), (V, D), *transpose()
 
 
-def params_from_hf_tensors(cfg: TransformerConfig, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> dict:
-    """HF-named tensors -> our parameter tree (float32 numpy). Raises WeightsError on any mismatch."""
-    problems, params = [], {}
-    expected = {}
+class LazyTensors(Mapping):
+    """Named tensors read one at a time: shapes known up front (file headers), each tensor read as
+    float32 numpy when indexed, so a loader holds one tensor in host memory, not the checkpoint."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray]):
+        self.shapes, self._read = shapes, read
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.shapes:
+            raise KeyError(name)
+        return np.asarray(self._read(name), np.float32)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def _shape(tensors, name: str) -> tuple[int, ...]:
+    return tuple(tensors.shapes[name]) if isinstance(tensors, LazyTensors) else tuple(np.shape(tensors[name]))
+
+
+def params_from_hf_tensors(cfg: TransformerConfig, tensors, source: str = "checkpoint", place=None) -> dict:
+    """HF-named tensors (a dict or `LazyTensors`) -> our parameter tree. Raises WeightsError on any
+    mismatch, checked from the shapes before any tensor is read.
+
+    place(path, array) -> leaf (optional): where each parameter goes as soon as it is converted (e.g.
+    its shards on a mesh); by default float32 numpy. Tensors are read and converted one at a time.
+    """
+    problems, expected = [], {}
     for hf_name, path, shape, to_ours, _ in hf_tensor_map(cfg):
-        expected[hf_name] = path
+        expected[hf_name] = (path, to_ours)
         if hf_name not in tensors:
             problems.append(f"missing tensor {hf_name}: expected shape {shape}")
-            continue
-        found = tuple(tensors[hf_name].shape)
-        if found != shape:
-            problems.append(f"tensor {hf_name}: expected shape {shape}, found {found}")
-            continue
-        node = params
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = np.ascontiguousarray(to_ours(np.asarray(tensors[hf_name], dtype=np.float32)))
+        elif _shape(tensors, hf_name) != shape:
+            problems.append(f"tensor {hf_name}: expected shape {shape}, found {_shape(tensors, hf_name)}")
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     for name in sorted(set(tensors) - set(expected) - ignorable):
         if "rotary_emb.inv_freq" not in name and not name.startswith("mtp."):  # MTP heads: load_mtp_heads
-            problems.append(f"unexpected tensor {name} with shape {tuple(tensors[name].shape)}")
+            problems.append(f"unexpected tensor {name} with shape {_shape(tensors, name)}")
     if problems:
         raise WeightsError(f"{source} does not match the {cfg.family} architecture it declares:\n  " + "\n  ".join(problems))
+    params = {}
+    for hf_name, (path, to_ours) in expected.items():
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        value = np.ascontiguousarray(to_ours(np.asarray(tensors[hf_name], dtype=np.float32)))
+        node[path[-1]] = value if place is None else place(path, value)
     return params
 
 
@@ -188,8 +215,7 @@ def config_to_hf(cfg: TransformerConfig, bos_token_id: int | None = None, eos_to
 # safetensors files
 
 
-def read_safetensors_dir(path: str) -> dict[str, np.ndarray]:
-    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+def _safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
@@ -200,30 +226,44 @@ def read_safetensors_dir(path: str) -> dict[str, np.ndarray]:
         files = [single]
     else:
         raise WeightsError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
-    tensors = {}
     for file in files:
         if not os.path.isfile(file):
             raise WeightsError(f"shard {file} listed in the index does not exist")
-        tensors.update(_load_as_float32(file))
-    return tensors
+    return files
 
 
-def _load_as_float32(file: str) -> dict[str, np.ndarray]:
-    """Every tensor of one safetensors file as float32 numpy (bf16 included, through JAX)."""
-    from safetensors import safe_open
+def read_safetensors_dir(path: str) -> LazyTensors:
+    """The tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`,
+    read lazily (headers now, each tensor as float32 when indexed; bf16 included, through JAX)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(file, framework="flax") as f:
-        return {name: np.asarray(f.get_tensor(name), dtype=np.float32) for name in f.keys()}
+    where, shapes = {}, {}
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="flax") as f:
+                for name in f.keys():
+                    where[name], shapes[name] = file, tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f"{file} is not a readable safetensors file ({e})") from None
+
+    def read(name: str) -> np.ndarray:
+        with safe_open(where[name], framework="flax") as f:
+            return np.asarray(f.get_tensor(name), dtype=np.float32)
+
+    return LazyTensors(shapes, read)
 
 
-def load_hf(path: str, dtype: str = "float32") -> tuple[TransformerConfig, dict]:
-    """(architecture, params) from an HF directory with config.json and safetensors weights."""
+def load_hf(path: str, dtype: str = "float32", place=None) -> tuple[TransformerConfig, dict]:
+    """(architecture, params) from an HF directory with config.json and safetensors weights, one tensor
+    at a time; `place` as in `params_from_hf_tensors` (it may be a function of the architecture:
+    `place(cfg)` returning the per-parameter function)."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise WeightsError(f"{path} has no config.json")
     with open(config_file) as f:
         cfg = config_from_hf(json.load(f), dtype)
-    return cfg, params_from_hf_tensors(cfg, read_safetensors_dir(path), source=path)
+    return cfg, params_from_hf_tensors(cfg, read_safetensors_dir(path), source=path,
+                                       place=None if place is None else place(cfg))
 
 
 def save_hf(path: str, cfg: TransformerConfig, params: dict, *, bos_token_id=None, eos_token_id=None,
@@ -279,14 +319,18 @@ def undo_llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, out_dim // n_head // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
 
 
-def load_gguf(path: str, dtype: str = "float32"):
-    """(architecture, params, GGUFReader) from a llama-architecture GGUF file, dequantized to f32."""
+def load_gguf(path: str, dtype: str = "float32", place=None):
+    """(architecture, params, GGUFReader) from a llama-architecture GGUF file, dequantized to f32 one
+    tensor at a time; `place` as in `load_hf`."""
     import gguf
 
     if not os.path.isfile(path):
         raise WeightsError(f"GGUF file {path} does not exist")
-    reader = gguf.GGUFReader(path)
-    arch = gguf_field(reader, "general.architecture")
+    try:
+        reader = gguf.GGUFReader(path)
+        arch = gguf_field(reader, "general.architecture")
+    except (ValueError, OSError, IndexError, KeyError) as e:  # what gguf raises on a truncated or foreign file
+        raise WeightsError(f"{path} is not a readable GGUF file ({e})") from None
     if arch not in ("llama", "qwen2", "qwen3"):
         raise WeightsError(f"{path}: GGUF architecture {arch!r} is not supported (llama, qwen2, qwen3)")
     get = lambda k, d=None: gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
@@ -312,10 +356,8 @@ def load_gguf(path: str, dtype: str = "float32"):
         max_position_embeddings=int(get("context_length", 4096)),
         dtype=dtype,
     )
-    tensors = {}
+    by_name, shapes = {}, {}
     for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims fastest-first
         if t.name == "token_embd.weight":
             hf_name = "model.embed_tokens.weight"
         elif t.name == "output.weight":
@@ -327,7 +369,15 @@ def load_gguf(path: str, dtype: str = "float32"):
             if kind not in _GGUF_LAYER_NAMES:
                 raise WeightsError(f"{path}: unknown GGUF tensor {t.name}")
             hf_name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
-            if arch == "llama" and kind in ("attn_q", "attn_k"):
-                w = undo_llama_cpp_permute(w, n_head if kind == "attn_q" else n_kv)
-        tensors[hf_name] = w
-    return cfg, params_from_hf_tensors(cfg, tensors, source=path), reader
+        by_name[hf_name], shapes[hf_name] = t, tuple(int(d) for d in reversed(t.shape))  # GGUF: fastest dim first
+
+    def read(hf_name: str) -> np.ndarray:  # dequantised one tensor at a time (the data is memory-mapped)
+        t = by_name[hf_name]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shapes[hf_name])
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
+        if arch == "llama" and kind in ("attn_q", "attn_k"):
+            w = undo_llama_cpp_permute(w, n_head if kind == "attn_q" else n_kv)
+        return w
+
+    return cfg, params_from_hf_tensors(cfg, LazyTensors(shapes, read), source=path,
+                                       place=None if place is None else place(cfg)), reader

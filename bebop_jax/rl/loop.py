@@ -211,7 +211,8 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
 
     rl, spec = cfg.rl, cfg.speculative
     learner_mesh, actor_mesh = sharding.rl_meshes(cfg.mesh, rl.actor_devices, devices)  # before any model work
-    model = model or load_model(cfg.model.source, cfg.model.dtype)
+    model = model or load_model(cfg.model.source, cfg.model.dtype, shardings=lambda c: sharding.param_shardings(
+        c, learner_mesh, sharding.make_rules(learner_mesh, cfg.mesh.rules, sharding.trunk_dims(c))))  # straight to shards
     dims = sharding.trunk_dims(model.cfg)
     learner_rules = sharding.make_rules(learner_mesh, cfg.mesh.rules, dims)
     actor_rules = sharding.make_rules(actor_mesh, cfg.mesh.rules, dims)
