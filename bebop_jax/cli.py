@@ -58,7 +58,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     spec = cfg.speculative
     if spec.mode != "none" and spec.mtp_checkpoint is None:
         raise SystemExit(f"error: --mode {spec.mode} drafts with MTP heads: give --mtp RUN_DIR_OR_HF_DIR")
+    _lead_only(cfg, "generate", lambda: _generate(cfg, prompts))
 
+
+def _lead_only(cfg: Config, stage: str, fn) -> None:
+    """A stage with one output (printed text, one directory): under `--worker=all` on a pod every process
+    joins jax.distributed, process 0 runs it and the others wait for it (`distributed.lead_only`)."""
+    from bebop_jax.distributed import initialize, lead_only
+
+    initialize(cfg.mesh)
+    lead_only(stage, fn)
+
+
+def _generate(cfg: Config, prompts: list[str]) -> None:
     import jax
     import numpy as np
 
@@ -67,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from bebop_jax.model import load_model
     from bebop_jax.speculative import speculative_generate
 
-    g = cfg.generate
+    g, spec = cfg.generate, cfg.speculative
     t0 = time.perf_counter()
     model = load_model(cfg.model.source, cfg.model.dtype)
     tok = model.tokenizer
@@ -114,6 +126,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     cfg = _config_from_args(args, {"--model": _GENERATE_FLAGS["--model"]})
+    _lead_only(cfg, "export", lambda: _export(cfg, args))
+
+
+def _export(cfg: Config, args: argparse.Namespace) -> None:
     from bebop_jax.model import export_hf, load_model
 
     model = load_model(cfg.model.source)
@@ -182,12 +198,18 @@ def cmd_sample_data(args: argparse.Namespace) -> None:
     from bebop_jax.data import self_distill
     from bebop_jax.model import load_model
 
+    from bebop_jax.distributed import initialize
+
+    initialize(cfg.mesh)  # under --worker=all each process samples its share of the prompts
     d = cfg.data
     model = load_model(cfg.model.source, cfg.model.dtype)
     if model.tokenizer is None:
         raise SystemExit(f"error: {model.source} has no tokenizer; cannot encode prompts")
     t0 = time.perf_counter()
-    with tqdm(total=d.num_prompts + d.heldout_prompts, desc="self-distillation", unit="prompt") as bar:
+    import jax
+
+    with tqdm(total=d.num_prompts + d.heldout_prompts, desc="self-distillation", unit="prompt",
+              disable=jax.process_index() != 0) as bar:
         splits = _user_errors(lambda: self_distill(cfg, model, progress=bar.update))
     for name, seqs in splits.items():
         new = sum(len(t) for t in seqs.tokens) - int(seqs.prompt_lengths.sum())
@@ -212,6 +234,10 @@ def cmd_pretrain_mtp(args: argparse.Namespace) -> None:
 
 def cmd_eval_acceptance(args: argparse.Namespace) -> None:
     cfg = _config_from_args(args, _EVAL_FLAGS)
+    _lead_only(cfg, "eval-acceptance", lambda: _eval_acceptance(cfg, args))
+
+
+def _eval_acceptance(cfg: Config, args: argparse.Namespace) -> None:
     from bebop_jax.eval_acceptance import run
 
     report = _user_errors(lambda: run(cfg, args.heads, args.out))
@@ -271,7 +297,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     if not os.path.isdir(args.run):
         raise SystemExit(f"error: run directory '{args.run}' does not exist")
-    print(f"wrote {analyze(args.run)}")
+    _lead_only(Config(), "analyze", lambda: print(f"wrote {analyze(args.run)}"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,6 +64,7 @@ class MeshConfig:
     coordinator_address: str | None = None  # "host:port" of process 0
     num_processes: int | None = None
     process_id: int | None = None
+    join_timeout_s: int = 120  # how long each process waits for all to join jax.distributed
 
     def __post_init__(self):
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}

@@ -139,13 +139,17 @@ def sample_shards(model, prompts: list[list[int]], directory: str, key: jax.Arra
     Batches take the prompts in order of length (stable), so a batch pads to its own width, not the
     longest prompt's (a mix of 56- and 133-token prompts otherwise pads every prefill to 192). Batch i
     samples with `fold_in(key, i)`; a shard already on disk is kept, so an interrupted run resumes
-    where it stopped. The last batch is padded with repeats to keep one compiled shape.
+    where it stopped. The last batch is padded with repeats to keep one compiled shape. On several
+    processes process p samples batches p, p + count, ... (the same shards as one process, written
+    once each), then all wait for all (`distributed.barrier`) and read them.
     """
     from bebop_jax.generate import generate
 
     os.makedirs(directory, exist_ok=True)
     by_length = [prompts[i] for i in np.argsort([len(p) for p in prompts], kind="stable")]
     for i, start in enumerate(range(0, len(by_length), batch_size)):
+        if i % jax.process_count() != jax.process_index():
+            continue  # on several processes each samples (and writes) every count-th shard
         path = os.path.join(directory, f"shard_{i:05d}.npz")
         batch = by_length[start:start + batch_size]
         if not os.path.exists(path):
@@ -157,6 +161,7 @@ def sample_shards(model, prompts: list[list[int]], directory: str, key: jax.Arra
             write_shard(path, Sequences(seqs, np.array([len(p) for p in batch], np.int32)))
         if progress is not None:
             progress(len(batch))
+    distributed.barrier(f"sample-data {directory}")  # every shard written before any process reads them
     return read_shards(directory)
 
 
@@ -186,8 +191,9 @@ def self_distill(cfg, model, progress=None) -> dict[str, Sequences]:
     max_len = min(cfg.model.max_seq_len, model.cfg.max_position_embeddings)
     check_lengths(np.array([len(p) for p in prompts]), d.max_new_tokens, max_len)
     os.makedirs(d.dir, exist_ok=True)
-    with open(meta_file, "w") as f:
-        json.dump(meta, f, indent=2)
+    if jax.process_index() == 0:
+        with open(meta_file, "w") as f:
+            json.dump(meta, f, indent=2)
     key = jax.random.key(d.seed)
     splits = {"heldout": prompts[:d.heldout_prompts], "train": prompts[d.heldout_prompts:]}
     return {name: sample_shards(model, split, os.path.join(d.dir, name), jax.random.fold_in(key, i),

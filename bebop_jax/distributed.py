@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -49,8 +50,15 @@ def initialize(mesh_cfg: MeshConfig) -> None:
     if jax.distributed.is_initialized():
         return
     if mesh_cfg.num_processes is not None:
+        # A process that never joins makes the JAX client end this process (a fatal log, no exception to
+        # catch) after the timeout: say first what is awaited, so the reason leads the log.
+        print(f"process {mesh_cfg.process_id}: joining {mesh_cfg.num_processes} processes at "
+              f"{mesh_cfg.coordinator_address}; if not every process (the same mesh.num_processes and "
+              f"coordinator_address, a distinct mesh.process_id) joins within {mesh_cfg.join_timeout_s}s "
+              "(mesh.join_timeout_s), this process stops", file=sys.stderr, flush=True)
         jax.distributed.initialize(coordinator_address=mesh_cfg.coordinator_address,
-                                   num_processes=mesh_cfg.num_processes, process_id=mesh_cfg.process_id)
+                                   num_processes=mesh_cfg.num_processes, process_id=mesh_cfg.process_id,
+                                   initialization_timeout=mesh_cfg.join_timeout_s)
     elif tpu_chips_present():
         jax.distributed.initialize()
 
@@ -96,6 +104,66 @@ def to_global(local_batch: Any, global_batch: int, mesh: Mesh, rules: Rules) -> 
         return jax.make_array_from_process_local_data(batch_sharding(shape, mesh, rules), x, shape)
 
     return jax.tree.map(one, local_batch)
+
+
+def barrier(name: str, timeout_s: float = 900.0) -> None:
+    """Waits until every process reaches `barrier(name)`; a no-op on one process. A process that never
+    arrives (it failed, or runs other code) is an error after `timeout_s` on every waiting process,
+    never a hang; the coordination service's message names the missing tasks."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    try:
+        jax_distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+    except Exception as e:  # the client raises XlaRuntimeError (DEADLINE_EXCEEDED, or a peer's failure)
+        raise RuntimeError(f"process {jax.process_index()} of {jax.process_count()}: not every process reached "
+                           f"'{name}' within {timeout_s:.0f}s ({str(e).splitlines()[0]})") from None
+
+
+def check_shared_dir(path: str, key: str) -> None:
+    """Raises on every process unless `path` (config key `key`) is one directory that all processes see
+    (a bucket on a pod): process 0 writes a marker there, the others look for it."""
+    if jax.process_count() == 1:
+        return
+    marker = os.path.join(path, f".shared-{jax.process_count()}")
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write("written by process 0\n")
+    barrier(f"shared {key}")  # named by the key: the paths may differ, which is what this checks
+    seen = np.array(os.path.isfile(marker))
+    everyone = multihost_utils.process_allgather(seen)
+    if not np.all(everyone):
+        missing = [i for i, ok in enumerate(np.asarray(everyone).reshape(-1)) if not ok]
+        raise ValueError(f"config key '{key}': '{path}' is not shared by the processes (processes {missing} do not "
+                         "see process 0's files); give every process the same directory, e.g. a gs:// bucket")
+
+
+def lead_only(name: str, fn, timeout_s: float = 3600.0):
+    """Runs `fn()` on process 0 while the others wait (a stage whose output is one set of files:
+    generate, export, analyze, eval-acceptance); returns its result on process 0, None elsewhere. When
+    it fails there, the others fail too, with its message."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax._src import distributed as jax_distributed
+
+    client, key = jax_distributed.global_state.client, f"bebop/{name}/error"
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+            client.key_value_set(key, "")
+        except BaseException as e:
+            client.key_value_set(key, f"{type(e).__name__}: {e}")
+            barrier(f"{name} done", timeout_s)
+            raise
+        barrier(f"{name} done", timeout_s)
+        return result
+    barrier(f"{name} done", timeout_s)
+    error = client.blocking_key_value_get(key, 60_000)
+    if error:
+        raise RuntimeError(f"process 0 failed in {name}: {error}")
+    return None
 
 
 class Preempted(Exception):

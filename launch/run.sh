@@ -7,7 +7,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-STAGES=(generate export sample-data pretrain-mtp eval-acceptance rl)  # the `bebop` subcommands
+STAGES=(generate export sample-data pretrain-mtp eval-acceptance rl plan demo)  # the `bebop` subcommands that take --config (analyze reads runs where they lie: run it there)
 
 usage() {
   cat <<USAGE

@@ -140,3 +140,14 @@ def test_bad_flags_fail_with_a_clear_error(script, args, message):
     proc = launch(script, *args, "--dry-run")
     assert proc.returncode == 2 and proc.stdout == ""
     assert f"error: {message}" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", ["generate", "export", "sample-data", "pretrain-mtp", "eval-acceptance", "rl",
+                                   "plan", "demo"])
+def test_every_stage_runs_on_every_worker(stage):
+    args = TPU + ["--stage", stage, "--config", CONFIG, "--bucket", "gs://my-bucket/runs", "--run-name", "s1"]
+    _, ssh = dry_run("run.sh", *args, "rl.steps=2")
+    remote = remote_command(ssh)
+    assert "--worker=all" in ssh
+    assert f'~/bebop-venv/bin/bebop {stage} --config ~/bebop-runs/s1/config.yaml "rl.steps=2"' in remote
+    assert_valid_bash(remote)

@@ -96,3 +96,63 @@ def test_async_on_two_processes_survives_kill_9_and_stops_together_on_sigterm(ti
     assert RunCheckpoints(str(run)).latest_step() == results[0]["summary"]["steps"]
     steps = [h["step"] for h in read_history(str(run))]
     assert steps == list(range(1, len(steps) + 1))  # continuous across the kill and the resume
+
+
+def bebop(num_processes: int, *args: str, timeout: float = 300) -> list[str]:
+    """`bebop ARGS` on num_processes local processes of one CPU device each; returns their outputs."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    port = str(free_port())
+    mesh = lambda i: [] if num_processes == 1 else [f"mesh.coordinator_address=127.0.0.1:{port}",  # noqa: E731
+                                                     f"mesh.num_processes={num_processes}", f"mesh.process_id={i}"]
+    procs = [subprocess.Popen([sys.executable, "-m", "bebop_jax.cli", *args, *mesh(i)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(num_processes)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{out[-3000:]}"
+    return outs
+
+
+def test_sample_data_splits_its_shards_and_generate_runs_on_process_0(tiny_dir, tmp_path):
+    args = lambda d: ["sample-data", "--model", tiny_dir, "data.prompts=math", "data.num_prompts=6",  # noqa: E731
+                      "data.heldout_prompts=2", "data.sample_batch=2", "data.max_new_tokens=6", f"data.dir={d}"]
+    bebop(1, *args(tmp_path / "one"))
+    bebop(2, *args(tmp_path / "two"))
+    for split, shards in (("train", 3), ("heldout", 1)):
+        one, two = sorted((tmp_path / "one" / split).glob("shard_*.npz")), sorted((tmp_path / "two" / split).glob("shard_*.npz"))
+        assert [p.name for p in one] == [p.name for p in two] and len(one) == shards
+        for a, b in zip(one, two):  # the same shards, each sampled once by one of the processes
+            with np.load(a) as x, np.load(b) as y:
+                assert all(np.array_equal(x[k], y[k]) for k in x.files)
+    outs = bebop(2, "generate", "--model", tiny_dir, "--prompt", "say 7", "--max-new-tokens", "4")
+    assert "### prompt: say 7" in outs[0] and "### prompt" not in outs[1]
+
+
+def test_bad_multi_process_setups_are_clear_errors_not_hangs(tiny_dir, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    port = free_port()
+    # one process of a declared two: it gives up after mesh.join_timeout_s, naming what to check
+    lonely = subprocess.run([sys.executable, "-m", "bebop_jax.cli", "generate", "--model", tiny_dir, "--prompt", "hi",
+                             f"mesh.coordinator_address=127.0.0.1:{port}", "mesh.num_processes=2",
+                             "mesh.process_id=0", "mesh.join_timeout_s=5"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert lonely.returncode != 0
+    assert f"process 0: joining 2 processes at 127.0.0.1:{port}; if not every process" in lonely.stderr
+    assert "within 5s (mesh.join_timeout_s), this process stops" in lonely.stderr
+    # a mesh that the global devices cannot hold (fsdp=2 x tensor=2 over 2 x 1 devices), then run directories
+    # that the processes do not share: every process stops with the reason
+    for devices, run_dirs, message in ((1, ("same", "same"), "2 devices are not a multiple of 4"),
+                                       (2, ("own0", "own1"), "config key 'rl.run_dir'")):
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        port = str(free_port())
+        procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_rl_worker", str(i), "2", port, tiny_dir,
+                                   str(tmp_path / run_dirs[i]), "sync", "1"], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        for p, out in zip(procs, outs):
+            assert p.returncode != 0 and message in out

@@ -48,10 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bebop_jax import sharding
+from bebop_jax import distributed, sharding
 from bebop_jax.checkpoint import RunCheckpoints, load_mtp_heads
 from bebop_jax.config import Config, to_dict
-from bebop_jax.distributed import PreemptionGuard
 from bebop_jax.model import LoadedModel, load_model
 from bebop_jax.model.transformer import TransformerConfig
 from bebop_jax.rl.actor import Actor
@@ -254,6 +253,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                               rl.mtp_strategy, rl.mtp_learning_rate, actor.length, draft_ids)
 
     os.makedirs(rl.run_dir, exist_ok=True)
+    distributed.check_shared_dir(rl.run_dir, "rl.run_dir")  # one checkpoint, written by all processes
     ckpt = RunCheckpoints(rl.run_dir)
     key = sharding.put_global(jax.random.key(rl.seed), NamedSharding(learner_mesh, PartitionSpec()))  # checkpointed
     next_batch, dropped, start = 0, 0, 0
@@ -335,7 +335,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     try:
         if evaluate is not None and start == 0:
             run_eval(0)
-        with PreemptionGuard() as guard:
+        with distributed.PreemptionGuard() as guard:
             while step < last_step:
                 if rl.loop == "sync":
                     index, traj, am = produce(next_batch, publish(state.params, actor_params_sh, model.cfg.compute_dtype), actor_heads, step)
