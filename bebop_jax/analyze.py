@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from bebop_jax.rl.loop import read_history
+from bebop_jax.rl.records import read_history
 
 
 def _plt():

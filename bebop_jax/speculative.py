@@ -220,7 +220,7 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, *, cfg
             h1, mtp_cache = _mtp_refresh(mtp_step, params, mtp_params, embed, mtp_cfg, out, hidden,
                                          positions + 1, mtp_cache)
             draft_hidden = h1[rows, jnp.maximum(count, 1) - 1]
-        n_acc = jnp.where(active, n_out - 1, 0)
+        n_acc = jnp.where(active, jnp.minimum(n_out - 1, count), 0)  # drafts accepted and emitted before the row's end
         return SpecState(
             step=s.step + 1, tokens=tokens, logprobs=logprobs, entropies=entropies, num_tokens=num_tokens,
             position=s.position + count, draft_hidden=draft_hidden, done=done, trunk_cache=trunk_cache,

@@ -3,7 +3,7 @@
     python benchmarks/rl_heldout.py --run-dir runs/rl/smollm2-math [--config configs/smollm2-135m-rl.yaml]
         [--tasks 64] [key=value ...]
 
-The same evaluation as `rl.eval_tasks` during a run (`bebop_jax.rl.loop.held_out_eval`: fixed problems
+The same evaluation as `rl.eval_tasks` during a run (`bebop_jax.rl.records.held_out_eval`: fixed problems
 of the math environment's test split, one plain sample each at the run's temperature, the same key for
 every policy), applied afterwards to the checkpoints a run kept. Prints a table, writes JSON beside
 the run (RUN/heldout.json), adds the evaluations to RUN/eval.jsonl (as a run with rl.eval_tasks
@@ -20,7 +20,7 @@ import jax
 from bebop_jax.checkpoint import RunCheckpoints
 from bebop_jax.config import load_config
 from bebop_jax.model import load_model
-from bebop_jax.rl.loop import append_evals, held_out_eval, summarise_run
+from bebop_jax.rl.records import append_evals, held_out_eval, summarise_run
 from timing import write_result
 
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from bebop_jax.config import load_config
 from bebop_jax.model import load_model
-from bebop_jax.rl.loop import read_history, train_rl
+from bebop_jax.rl.loop import train_rl
+from bebop_jax.rl.records import read_history
 
 
 def main():

@@ -31,7 +31,8 @@ def main(process_id: str, num_processes: str, port: str, tiny_dir: str, run_dir:
     distributed.initialize(cfg.mesh)
     import jax
 
-    from bebop_jax.rl.loop import read_history, train_rl
+    from bebop_jax.rl.loop import train_rl
+    from bebop_jax.rl.records import read_history
     from tests.rl_tiny import DigitsEnv
 
     from bebop_jax import sharding

@@ -22,7 +22,9 @@ from bebop_jax.checkpoint import RunCheckpoints
 from bebop_jax.config import MeshConfig, load_config
 from bebop_jax.model import load_model
 from bebop_jax.rl.learner import LearnerSettings
-from bebop_jax.rl.loop import learner_shardings, place_learner, publish, read_history, train_rl
+from bebop_jax.rl.loop import train_rl
+from bebop_jax.rl.records import read_history
+from bebop_jax.rl.weights import learner_shardings, place_learner, publish
 from tests.rl_tiny import DigitsEnv, make_tiny_chat_model
 
 MESH = MeshConfig(fsdp=2, tensor=2)  # learner on 4 devices: data=1 x fsdp=2 x tensor=2; actor: data=2 x tensor=2

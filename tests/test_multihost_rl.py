@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bebop_jax.checkpoint import RunCheckpoints
-from bebop_jax.rl.loop import read_history
+from bebop_jax.rl.records import read_history
 from tests.test_multihost import collect, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,8 @@ import pytest
 
 from bebop_jax.checkpoint import RunCheckpoints
 from bebop_jax.config import load_config
-from bebop_jax.rl.loop import read_history, train_rl
+from bebop_jax.rl.loop import train_rl
+from bebop_jax.rl.records import read_history
 from tests.rl_tiny import DigitsEnv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,7 +146,7 @@ def test_online_mtp_update_trains_the_heads_on_the_completions(tiny_dir, strateg
     from bebop_jax.model import load_model
     from bebop_jax.model.mtp import MTPConfig, init_mtp_params
     from bebop_jax.rl.learner import Trajectories
-    from bebop_jax.rl.loop import _MTPUpdater
+    from bebop_jax.rl.mtp_update import OnlineMTPUpdater
 
     model = load_model(tiny_dir)
     mtp = MTPConfig(2, 1)
@@ -157,7 +158,7 @@ def test_online_mtp_update_trains_the_heads_on_the_completions(tiny_dir, strateg
     traj = Trajectories(tokens=tokens, loss_mask=loss_mask, behaviour_logprobs=np.zeros((4, 16), np.float32),
                         rewards=np.zeros(4, np.float32), group_ids=np.zeros(4, np.int32),
                         policy_version=np.zeros(4, np.int32))
-    updater = _MTPUpdater(model, mtp, jax.tree.map(jnp.copy, heads), strategy, learning_rate=1e-2, length=16)
+    updater = OnlineMTPUpdater(model, mtp, jax.tree.map(jnp.copy, heads), strategy, learning_rate=1e-2, length=16)
     first = updater.update(model.params, traj)
     for _ in range(5):
         last = updater.update(model.params, traj)
@@ -181,19 +182,19 @@ def test_held_out_evaluation_before_every_n_steps_and_at_the_end(tiny_dir, tmp_p
 
 def test_held_out_problems_come_from_the_test_split_and_training_from_the_rest():
     from bebop_jax.rl.environments import _in_split, make_environment
-    from bebop_jax.rl.loop import _env_options
+    from bebop_jax.rl.environments import env_options
 
     rl = load_config(None, ["rl.eval_tasks=8", "rl.math_level=easy"]).rl
     rng = np.random.default_rng(0)
-    test = make_environment("math", **_env_options(rl, "test")).sample_tasks(rng, 20)
-    train = make_environment("math", **_env_options(rl, "train")).sample_tasks(rng, 20)
+    test = make_environment("math", **env_options(rl, "test")).sample_tasks(rng, 20)
+    train = make_environment("math", **env_options(rl, "train")).sample_tasks(rng, 20)
     assert all(_in_split(t.messages[0]["content"], "test", 0.1) for t in test)
     assert not any(_in_split(t.messages[0]["content"], "test", 0.1) for t in train)
     assert {t.messages[0]["content"] for t in test}.isdisjoint(t.messages[0]["content"] for t in train)
 
 
 def test_publish_hands_the_actor_weights_in_the_compute_dtype():
-    from bebop_jax.rl.loop import publish
+    from bebop_jax.rl.weights import publish
 
     tree = {"w": jnp.ones((4, 4), jnp.float32), "step": jnp.int32(3)}
     shardings = jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0]), tree)

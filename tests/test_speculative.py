@@ -192,3 +192,15 @@ def test_combined_rollouts_pool_the_metrics_of_every_call():
     for i in range(2):
         assert m[f"draft_acceptance_rate_pos_{i}"] == pytest.approx(sum(int(r.accepted_at[i]) for r in calls) / steps)
     assert m["tokens_per_step"] == pytest.approx((40 * 12 - 40) / steps)
+
+
+def test_acceptance_counts_only_drafts_emitted_before_each_row_ends():
+    """At a near-infinite temperature p and q are both uniform, so every draft passes; a row with room for
+    only 2 more tokens emits 2 of its 3 accepted drafts, and only those count (the old count was 3)."""
+    cfg, params, mtp, heads = _tiny(16, 1.0, mtp_steps=3)
+    out = speculative_generate(params, cfg, [PROMPT, PROMPT + [4]], jax.random.key(0), mtp_params=heads, mtp_cfg=mtp,
+                               mode="rejection", num_draft=3, max_new_tokens=3, temperature=1e6)
+    np.testing.assert_array_equal(out.num_tokens, [3, 3])
+    np.testing.assert_array_equal(out.verify_steps, [1, 1])
+    np.testing.assert_array_equal(out.accepted, [2, 2])  # emitted drafts only: the third lay past the end
+    np.testing.assert_array_equal(out.accepted_at, [2, 2, 0])

@@ -64,27 +64,28 @@ def load_model(source: str, dtype: str = "float32", shardings=None) -> LoadedMod
     default device.
     """
     path = resolve_source(source)
-    place = None
-    if shardings is not None:
+
+    def place(cfg):
         from bebop_jax.sharding import put_global
 
-        def place(cfg):
-            tree = shardings(cfg)
+        tree = shardings(cfg)
 
-            def one(path_in_tree, value):
-                node = tree
-                for part in path_in_tree:
-                    node = node[part]
-                return put_global(value, node)
+        def one(path_in_tree, value):
+            node = tree
+            for part in path_in_tree:
+                node = node[part]
+            return put_global(value, node)
 
-            return one
+        return one
+
+    placement = None if shardings is None else place
     if path.endswith(".gguf"):
-        cfg, params, reader = weights.load_gguf(path, dtype, place)
+        cfg, params, reader = weights.load_gguf(path, dtype, placement)
         tok = tokenizer_lib.tokenizer_from_gguf(reader)
     else:
-        cfg, params = weights.load_hf(path, dtype, place)
+        cfg, params = weights.load_hf(path, dtype, placement)
         tok = tokenizer_lib.tokenizer_from_hf_dir(path)
-    if place is None:
+    if shardings is None:
         params = jax.tree.map(jnp.asarray, params)
     return LoadedModel(cfg, params, tok, path)
 

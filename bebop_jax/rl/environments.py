@@ -374,3 +374,11 @@ def make_environment(name: str, **kwargs) -> Environment:
     if name not in ENVIRONMENTS:
         raise ValueError(f"unknown environment {name!r}; expected one of {sorted(ENVIRONMENTS)}")
     return ENVIRONMENTS[name](**kwargs)
+
+
+def env_options(rl, split: str | None) -> dict:
+    """Keyword arguments of the config's environment (its source; the math level; a split if given)."""
+    options = {"source": rl.env_source} if rl.env_source else {}
+    if rl.environment == "math":
+        options["level"] = rl.math_level
+    return options if split is None else dict(options, split=split)

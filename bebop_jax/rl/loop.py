@@ -4,8 +4,8 @@ Devices: the learner and the actor each have a mesh (`sharding.rl_meshes`): disj
 `rl.actor_devices` is a fraction in (0, 1) of several devices (the learner's laid out by `mesh.*`, the
 actor's data x tensor), one shared mesh otherwise. The learner state (policy, optimizer) lives on the
 learner mesh, placed by its logical axes, and is updated by a `sharded_jit` step; the actor samples on
-its own mesh with weights that `publish` copied there (`jax.device_put` onto the actor's shardings: a
-reshard across the two device sets, a plain copy where they are shared), tagged with the policy version.
+its own mesh with weights that `rl.weights.publish` copied there (onto the actor's shardings: a reshard
+across the two device sets, a plain copy where they are shared), tagged with the policy version.
 On several processes (a pod) every process runs this loop in step: each rolls out every row of the batch on
 the actor mesh and reads the rollout back whole (`sharding.host_value`: an all-gather), so all score the
 same rows and hold the same host trajectories, which become global arrays on the learner mesh
@@ -24,10 +24,10 @@ Whole-state checkpoints every `checkpoint_every` steps and on SIGTERM (a TPU VM'
 learner state (policy, optimizer, step), the MTP heads and their optimizer, the RNG key, and in the
 metadata the next batch index (data position) and the dropped count. After kill -9 a restart loses
 at most one checkpoint interval. MTP heads: `frozen` (default), or updated on each batch with CE or
-TV (`online-ce`, `online-tv`) for the comparison.
+TV (`online-ce`, `online-tv`: `rl.mtp_update`) for the comparison.
 
 Held-out evaluation (`rl.eval_tasks` > 0, math): training draws from the environment's train split and
-`held_out_eval` scores fixed test-split problems with plain sampling before the first step, every
+`rl.records.held_out_eval` scores fixed test-split problems with plain sampling before the first step, every
 `eval_every` steps and at the end (RUN/eval.jsonl, eval/* in tensorboard, the curves PNG): the
 per-step training reward is a mean over a few groups and too noisy to show progress on its own.
 """
@@ -44,7 +44,6 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -54,56 +53,11 @@ from bebop_jax.config import Config, to_dict
 from bebop_jax.model import LoadedModel, load_model
 from bebop_jax.model.transformer import TransformerConfig
 from bebop_jax.rl.actor import Actor
-from bebop_jax.rl.environments import make_environment
-from bebop_jax.rl.learner import (LearnerSettings, LearnerState, Trajectories, init_learner, learner_step,
-                                  policy_logprobs)
-
-
-class _Published:
-    """The weights the actor samples with: (params, heads, version) behind a condition variable."""
-
-    def __init__(self, params, heads, version: int):
-        self.cond = threading.Condition()
-        self.value = (params, heads, version)
-
-    def publish(self, params, heads, version: int) -> None:
-        with self.cond:
-            self.value = (params, heads, version)
-            self.cond.notify_all()
-
-    def wait_for(self, min_version: int, stop: threading.Event):
-        with self.cond:
-            while self.value[2] < min_version and not stop.is_set():
-                self.cond.wait(timeout=0.5)
-            return self.value
-
-
-class _MTPUpdater:
-    """Online MTP strategies: one CE or TV step of the heads per RL batch, on the batch's own tokens."""
-
-    def __init__(self, model: LoadedModel, mtp_cfg, mtp_params, strategy: str, learning_rate: float, length: int,
-                 draft_ids=None):
-        from bebop_jax.pretrain_mtp import StepSettings, TrainState
-
-        self.model, self.mtp_cfg, self.draft_ids = model, mtp_cfg, draft_ids
-        self.settings = StepSettings(loss="ce" if strategy == "online-ce" else "tv", temperature=1.0,
-                                     num_origins=length, learning_rate=learning_rate, warmup_steps=0, steps=10**9,
-                                     weight_decay=0.0, grad_clip=1.0)
-        self.state = TrainState(jnp.int32(0), mtp_params, self.settings.optimizer().init(mtp_params))
-
-    def update(self, params, traj) -> dict:
-        from bebop_jax.pretrain_mtp import frozen_inputs, train_step, with_trunk_hidden
-
-        tokens = jnp.asarray(traj.tokens)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        segments = jnp.ones_like(tokens)  # one sequence per row (0 would mark every position as padding)
-        batch = with_trunk_hidden(params, dict(tokens=tokens, positions=positions, segment_ids=segments,
-                                               completion=jnp.asarray(traj.loss_mask)),
-                                  self.model.cfg, self.settings.temperature, self.draft_ids is not None)
-        frozen = frozen_inputs(self.model.cfg, params, self.draft_ids)  # the policy's current matrices
-        self.state, metrics = train_step(self.state, frozen, batch, cfg=self.model.cfg, mtp=self.mtp_cfg,
-                                         settings=self.settings)
-        return {"mtp_loss": float(metrics["loss"]), "mtp_alpha_1": float(metrics["alpha"][0])}
+from bebop_jax.rl.environments import env_options, make_environment
+from bebop_jax.rl.learner import LearnerSettings, Trajectories, learner_step, policy_logprobs
+from bebop_jax.rl.mtp_update import OnlineMTPUpdater
+from bebop_jax.rl.records import append_evals, held_out_eval, summarise_run
+from bebop_jax.rl.weights import Published, learner_shardings, place_learner, publish
 
 
 def _settings(cfg: Config) -> LearnerSettings:
@@ -112,61 +66,8 @@ def _settings(cfg: Config) -> LearnerSettings:
                            learning_rate=rl.learning_rate)
 
 
-def _env_options(rl, split: str | None) -> dict:
-    """Keyword arguments of the config's environment (its source; the math level; a split if given)."""
-    options = {"source": rl.env_source} if rl.env_source else {}
-    if rl.environment == "math":
-        options["level"] = rl.math_level
-    return options if split is None else dict(options, split=split)
-
-
-def held_out_eval(cfg: Config, model: LoadedModel):
-    """`evaluate(params) -> {accuracy, reward, response_length}` on rl.eval_tasks fixed problems of the
-    environment's test split, one plain sample each at the rollout temperature, the same key every time
-    (so two evaluations differ by the policy, not by the noise)."""
-    rl = cfg.rl
-    env = make_environment(rl.environment, **_env_options(rl, "test"))
-    tasks = env.sample_tasks(np.random.default_rng([rl.seed, 2**31 - 1]), rl.eval_tasks)
-    actor = Actor(model, env, group_size=1, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                  mode="none", max_prompt_tokens=rl.max_prompt_tokens,
-                  max_seq_len=min(cfg.model.max_seq_len, model.cfg.max_position_embeddings))
-    key = jax.random.key(rl.seed + 1)
-
-    def evaluate(params) -> dict:
-        metrics = actor.rollout(params, 0, key, tasks)[1]
-        return {name: metrics[name] for name in ("accuracy", "reward", "response_length")}
-
-    return evaluate
-
-
 def _tasks(env, cfg: Config, index: int):
     return env.sample_tasks(np.random.default_rng([cfg.rl.seed, index]), cfg.rl.prompts_per_step)
-
-
-def learner_shardings(model_cfg: TransformerConfig, settings: LearnerSettings, mesh: Mesh, rules: sharding.Rules) -> LearnerState:
-    """NamedShardings of the learner state on `mesh`: parameters and their AdamW moments by logical axes."""
-    abstract = jax.eval_shape(functools.partial(init_learner, settings=settings), sharding.abstract_params(model_cfg))
-    return sharding.logical_to_sharding(abstract, mesh, rules)
-
-
-def place_learner(params, settings: LearnerSettings, shardings: LearnerState) -> LearnerState:
-    """The initial learner state laid out by `shardings`, on buffers of its own (the learner step donates
-    it); `params` are already laid out by `shardings.params` and stay valid."""
-    init = lambda p: init_learner(jax.tree.map(jnp.copy, p), settings)  # noqa: E731
-    return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
-
-
-def publish(tree, shardings, dtype=None):
-    """A copy of `tree` (the policy's or the heads' parameters) laid out by `shardings` (the actor's): a
-    reshard across the device sets, or a copy where actor and learner share devices (and so shardings);
-    never an alias, as the learner step donates its parameters while the actor may still sample with
-    the published ones. (jax's device_put may alias when it replicates a one-device array over several
-    devices: place the learner's parameters with `place_learner`, not with this.) With `dtype` (the run's
-    compute dtype) floating leaves are published in it: the actor decodes from bf16 weights where the
-    run computes in bf16, reading half the bytes of the learner's f32 master copy per token."""
-    if dtype is not None:
-        tree = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-    return jax.device_put(tree, shardings, may_alias=False)
 
 
 def traj_shardings(rows: int, length: int, mesh: Mesh, rules: sharding.Rules) -> Trajectories:
@@ -216,7 +117,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     learner_rules = sharding.make_rules(learner_mesh, cfg.mesh.rules, dims)
     actor_rules = sharding.make_rules(actor_mesh, cfg.mesh.rules, dims)
     if env is None:
-        env = make_environment(rl.environment, **_env_options(rl, "train" if rl.eval_tasks else None))
+        env = make_environment(rl.environment, **env_options(rl, "train" if rl.eval_tasks else None))
     mtp_cfg = mtp_params = draft_ids = None
     if spec.mode != "none":
         if spec.mtp_checkpoint is None:
@@ -249,7 +150,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     state = place_learner(params, settings, state_sh)
     updater = None
     if rl.mtp_strategy != "frozen":
-        updater = _MTPUpdater(model, mtp_cfg, jax.device_put(mtp_params, heads_sh(learner_mesh, learner_rules)),
+        updater = OnlineMTPUpdater(model, mtp_cfg, jax.device_put(mtp_params, heads_sh(learner_mesh, learner_rules)),
                               rl.mtp_strategy, rl.mtp_learning_rate, actor.length, draft_ids)
 
     os.makedirs(rl.run_dir, exist_ok=True)
@@ -326,7 +227,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     # rolls out in turn with the learner, on the weights last published (no overlap, same staleness rule).
     threaded = rl.loop == "async" and jax.process_count() == 1
     if rl.loop == "async" and start < last_step:
-        published = _Published(publish(state.params, actor_params_sh, model.cfg.compute_dtype), actor_heads, start)
+        published = Published(publish(state.params, actor_params_sh, model.cfg.compute_dtype), actor_heads, start)
     if threaded and start < last_step:
         thread = threading.Thread(target=actor_thread, args=(next_batch,), daemon=True, name="actor")
         thread.start()
@@ -404,69 +305,4 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     if lead:
         with open(os.path.join(rl.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    return summary
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    """Records with a "step" from a JSON-lines file (none if it is absent); the last of each step wins."""
-    if not os.path.isfile(path):
-        return []
-    by_step = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def append_evals(run_dir: str, results: list[dict]) -> None:
-    """Adds held-out evaluations ({step, accuracy, reward, response_length}) to RUN/eval.jsonl."""
-    with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in results)
-
-
-def read_history(run_dir: str) -> list[dict]:
-    """The per-step metrics of a run (the last record of each step wins, across resumes)."""
-    return _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-
-
-def summarise_run(run_dir: str) -> dict:
-    """Curves PNG (reward, acceptance) and headline numbers of a run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    history = read_history(run_dir)
-    if not history:
-        return {}
-    steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    rewards = np.array([h["reward"] for h in history])
-    axes[0].plot(steps, rewards, marker="o", alpha=0.5, label="per step")
-    window = min(5, len(rewards))  # each step's reward is a mean over a few groups: noisy
-    axes[0].plot(steps[window - 1:], np.convolve(rewards, np.ones(window) / window, mode="valid"), color="C3",
-                 label=f"mean of {window} steps")
-    evals = _read_jsonl(os.path.join(run_dir, "eval.jsonl"))
-    if evals:
-        axes[0].plot([e["step"] for e in evals], [e["accuracy"] for e in evals], marker="s", color="k",
-                     label="held-out accuracy")
-    axes[0].legend(loc="upper left", fontsize="small")
-    axes[0].set(xlabel="learner step", ylabel="mean reward", title="reward")
-    if "draft_acceptance_rate" in history[0]:
-        axes[1].plot(steps, [h["draft_acceptance_rate"] for h in history], marker="o", color="C0")
-        twin = axes[1].twinx()
-        twin.plot(steps, [h["draft_mean_acceptance_length"] for h in history], marker=".", color="C1")
-        twin.set_ylabel("tokens per verify step", color="C1")
-    axes[1].set(xlabel="learner step", ylabel="draft acceptance rate", title="draft acceptance")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "curves.png"), dpi=100)
-    plt.close(fig)
-    half = max(len(history) // 2, 1)
-    mean = lambda key, part: float(np.mean([h[key] for h in part if key in h])) if any(key in h for h in part) else None  # noqa: E731
-    summary = {"reward_first_half": mean("reward", history[:half]), "reward_second_half": mean("reward", history[half:]),
-               "acceptance": mean("draft_acceptance_rate", history), "wall_s": history[-1]["wall_s"],
-               "curves": os.path.join(run_dir, "curves.png")}
-    if evals:
-        summary["eval_accuracy"] = {int(e["step"]): e["accuracy"] for e in evals}
     return summary
