@@ -75,15 +75,22 @@ def categorical(key: jax.Array, weights: jax.Array, block: int = 256) -> jax.Arr
     return (b * block + j).astype(jnp.int32).reshape(lead)
 
 
-def token_logprob_and_entropy(logits: jax.Array, tokens: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
-    """log p(token) and the entropy of p (nats) under softmax(logits / T); logits [..., V], tokens [...].
+def token_logprob_and_entropy(logits: jax.Array, tokens: jax.Array, temperature: float,
+                              top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """log p(token) and the entropy of p (nats), p = the sampling distribution (`probs_from_logits`:
+    softmax(logits / T) within the top-p nucleus); logits [..., V], tokens [...].
 
     At temperature 0 both are taken at T=1 (the greedy policy's own distribution is one-hot).
     """
     t = 1.0 if is_greedy(temperature) else temperature
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+    if top_p < 1.0:
+        p = probs_from_logits(logits, t, top_p)
+        logp = jnp.log(p)  # -inf outside the nucleus, where p = 0 contributes 0 to the entropy
+        entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+    else:
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     token_logp = jnp.take_along_axis(logp, jnp.maximum(tokens, 0)[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return token_logp, entropy
 
 

@@ -105,7 +105,7 @@ def prefill(params, mtp_params, tokens, lengths, key, temperature, *, cfg, mtp_c
     last_logits = logits(params, hidden[rows, lengths - 1])  # [B, V]
     key, sub = jax.random.split(key)
     first = sampling.sample(sub, last_logits, temperature, top_p)  # [B]
-    logp, ent = sampling.token_logprob_and_entropy(last_logits, first, temperature)
+    logp, ent = sampling.token_logprob_and_entropy(last_logits, first, temperature, top_p)
     if mtp_cfg is not None and num_draft > 0:
         nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1).at[rows, lengths - 1].set(first)
         h1, mtp_cache = _mtp_refresh(mtp_step, params, mtp_params, embed, mtp_cfg, nxt, hidden, positions + 1,
@@ -207,7 +207,7 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, *, cfg
         count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, n_out)
         count = jnp.minimum(count, N - s.num_tokens)
         count = jnp.where(s.done, 0, count)  # [B] tokens this step adds
-        logp, ent = sampling.token_logprob_and_entropy(target_logits, out, temperature)  # [B, R]
+        logp, ent = sampling.token_logprob_and_entropy(target_logits, out, temperature, top_p)  # [B, R]
         write = jnp.where(j < count[:, None], s.num_tokens[:, None] + j, width)  # out of range -> dropped
         tokens = s.tokens.at[rows[:, None], write].set(out, mode="drop")
         logprobs = s.logprobs.at[rows[:, None], write].set(logp, mode="drop")

@@ -1,4 +1,5 @@
-"""The four draft losses compared on SmolLM2-135M-Instruct for the same budget (the MTP issue's table).
+"""The draft losses (`losses.LOSSES`: CE, KL, TV, e2e TV and the two LK losses) compared on SmolLM2-135M-Instruct
+for the same budget (the MTP issue's table).
 
 The paper's setting: MTP heads exist before the TV stage (trained with CE), and the draft losses are
 compared as what those heads are trained with next. So every loss continues from one shared CE warm
@@ -7,7 +8,7 @@ more steps on the same batches, then `bebop eval-acceptance` scores each on the 
 
     python benchmarks/mtp_losses.py --warm-steps 150 --steps 150 [config overrides ...]
 
-Writes {out}/{warm,ce,kl,tv,e2e_tv}/ (resumable: finished runs and evaluations are kept) and a JSON
+Writes {out}/{warm,<loss>...}/ (resumable: finished runs and evaluations are kept) and a JSON
 result with, per loss at each temperature: alpha_1..K, the expected accepted length, the entropy slope
 of alpha_1 (per nat) and the training seconds; prints the table.
 """
@@ -24,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bebop_jax import eval_acceptance, pretrain_mtp  # noqa: E402
 from bebop_jax.config import load_config  # noqa: E402
+from bebop_jax.losses import LOSSES  # noqa: E402
 from bebop_jax.model import load_model  # noqa: E402
 
-LOSSES = ("ce", "kl", "tv", "e2e_tv")
 
 
 def _train(cfg, model, run_dir: str, **changes) -> dict:

@@ -15,8 +15,8 @@ def test_draws_follow_the_weights_and_never_hit_zeros(vocab, block):
     w = rng.gamma(0.3, size=vocab).astype(np.float32)
     w[rng.random(vocab) < 0.4] = 0.0  # whole stretches of zero weight, the padded tail included
     w[-3:] = 0.0
-    w[:5] *= 50.0  # a few heavy tokens as in a peaked policy
-    n = 40_000
+    w[:5] = 0.05 * w.sum()  # a few heavy tokens (~4% of the mass each) as in a peaked policy
+    n = 40_000 if vocab <= 1000 else 4_000  # [n, V] weights: keep them under a GB
     draws = np.asarray(sampling.categorical(jax.random.key(0), jnp.broadcast_to(jnp.asarray(w), (n, vocab)),
                                             block=block))
     assert draws.dtype == np.int32 and draws.shape == (n,)
@@ -44,3 +44,16 @@ def test_sample_at_temperature_matches_softmax():
     p = np.asarray(jax.nn.softmax(logits / t), np.float64)
     p /= p.sum()
     assert stats.chisquare(np.bincount(draws, minlength=64), n * p).pvalue > 1e-4
+
+
+def test_recorded_logprobs_and_entropy_are_those_of_the_top_p_distribution():
+    """With top_p < 1 the behaviour policy is the renormalised nucleus: its log-probs (the RL importance
+    ratios' denominators) and entropy, not those of the full softmax."""
+    logits = jnp.asarray([[3.0, 2.0, 1.0, -1.0, -2.0]])
+    p = np.asarray(sampling.probs_from_logits(logits, 1.0, 0.8))[0]
+    assert (p > 0).sum() == 2  # the nucleus: the two most likely tokens
+    logp, ent = sampling.token_logprob_and_entropy(logits, jnp.asarray([1]), 1.0, top_p=0.8)
+    np.testing.assert_allclose(float(logp[0]), np.log(p[1]), rtol=1e-6)
+    np.testing.assert_allclose(float(ent[0]), -np.sum(p[p > 0] * np.log(p[p > 0])), rtol=1e-6)
+    full_logp, _ = sampling.token_logprob_and_entropy(logits, jnp.asarray([1]), 1.0)
+    assert float(logp[0]) > float(full_logp[0]) + 0.1  # renormalised: more likely than under the full softmax

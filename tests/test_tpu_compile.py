@@ -135,7 +135,7 @@ def test_steps_compile_sharded_with_the_pallas_kernels(slice4, step, draft_vocab
 def test_plain_decode_step_reads_bf16_weights_and_the_cache_in_place(slice4):
     """A plain decode step on the actor's mesh (data=2 x tensor=2): its weights are the bf16 ones counted by
     hand (the tied embedding read as the LM head), the program holds no f32 copy of the LM head and no
-    transposed or copied KV cache (the cache is [B, K, S, H], written in place by its scatters), and the
+    transposed or copied KV cache (keys [B, K, H, S], values [B, K, S, H], written in place by their scatters), and the
     plan's bytes count those scatters by their updates."""
     acc, devices = slice4
     cfg = load_config(os.path.join(REPO, "configs", "qwen3-8b-v5p-64.yaml"),
@@ -159,8 +159,9 @@ def test_plain_decode_step_reads_bf16_weights_and_the_cache_in_place(slice4):
         lowered = jitted.lower(*args)
     hlo = lowered.compile().as_text()
     assert f"f32[{v // 2},{d}]" not in hlo  # the LM head is read in bf16, never converted
-    cache = f"[{shapes.rollout_rows // 2},{k // 2},{shapes.cache_len},{h}]"
-    copies = [line for line in hlo.splitlines() if cache in line.split("=")[-1].split("(")[0]
+    rows_k = f"{shapes.rollout_rows // 2},{k // 2}"
+    caches = (f"[{rows_k},{h},{shapes.cache_len}]", f"[{rows_k},{shapes.cache_len},{h}]")  # KVCache k, v
+    copies = [line for line in hlo.splitlines() if any(c in line.split("=")[-1].split("(")[0] for c in caches)
               and any(f" {op}(" in line for op in ("copy", "transpose"))]
     assert not copies, copies[:2]
     rows, heads = shapes.rollout_rows // 2, k // 2
