@@ -25,7 +25,7 @@ from bebop_jax.losses import draft_loss
 from bebop_jax.model import LoadedModel, load_model
 from bebop_jax.model.mtp import MTPConfig, vocab_matrix
 from bebop_jax.model.weights import WeightsError
-from bebop_jax.model.transformer import TransformerConfig, init_params
+from bebop_jax.model.transformer import Transformer, TransformerConfig, init_params
 
 TINY = TransformerConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8)
@@ -234,7 +234,7 @@ def test_draft_subvocabulary_run_learns_saves_its_ids_and_continues(tiny):
 
     @jax.jit
     def training_metrics(trunk, heads, batch):
-        batch["hidden"], _ = pretrain_mtp.Transformer(TINY).apply({"params": trunk}, batch["tokens"],
+        batch["hidden"], _ = Transformer(TINY).apply({"params": trunk}, batch["tokens"],
                                                                   batch["positions"], None, batch["segment_ids"])
         w = vocab_matrix(TINY, trunk)
         batch["target_logz"] = trunk_cache.full_logz(batch["hidden"], w, temperature=1.0)
@@ -300,7 +300,7 @@ def test_eval_acceptance_report(tiny, full_run):
 
     @jax.jit
     def training_metrics(trunk, heads, batch):
-        batch["hidden"], _ = pretrain_mtp.Transformer(TINY).apply({"params": trunk}, batch["tokens"],
+        batch["hidden"], _ = Transformer(TINY).apply({"params": trunk}, batch["tokens"],
                                                                   batch["positions"], None, batch["segment_ids"])
         h_d, h_t, targets, masks, _ = pretrain_mtp.draft_inputs(TINY, mtp, heads, trunk["embedding"], batch,
                                                                 num_origins)
