@@ -22,7 +22,8 @@ from bebop_jax.config import MeshConfig
 from bebop_jax.model import LoadedModel
 from bebop_jax.model.mtp import MTPConfig, vocab_matrix
 from bebop_jax.model.transformer import TransformerConfig, init_params
-from bebop_jax.pretrain_mtp import StepSettings, TrainState, init_heads, train_step, trunk_hidden
+from bebop_jax.pretrain_mtp import StepSettings, TrainState, init_heads, train_step
+from bebop_jax.trunk_cache import trunk_hidden
 from bebop_jax.rl.learner import LearnerSettings, Trajectories, init_learner, learner_step, policy_logprobs
 from bebop_jax.speculative import speculative_generate
 
