@@ -131,6 +131,8 @@ def save_heads_file(path: str, trunk: TransformerConfig, mtp: MTPConfig, params:
 def _load_heads_file(path: str, trunk: TransformerConfig | None) -> MTPHeadsCheckpoint:
     from safetensors import SafetensorError, safe_open
 
+    if trunk is None:
+        raise ValueError(f"heads file '{path}': give the trunk's config to load it against")
     try:
         with safe_open(path, framework="flax") as f:
             meta = f.metadata() or {}
@@ -141,8 +143,6 @@ def _load_heads_file(path: str, trunk: TransformerConfig | None) -> MTPHeadsChec
         raise weights_lib.WeightsError(f"'{path}' is not a bebop heads file (no 'bebop-mtp-heads' metadata); "
                                        "write one with `bebop export --heads-only`")
     recorded = json.loads(meta["trunk"])
-    if trunk is None:
-        raise ValueError(f"heads file '{path}': give the trunk's config to load it against")
     differs = [f"{k}: heads {recorded[k]!r}, model {getattr(trunk, k)!r}" for k in _TRUNK_FIELDS
                if recorded.get(k) != getattr(trunk, k)]
     if differs:

@@ -150,15 +150,15 @@ def lead_only(name: str, fn, timeout_s: float = 3600.0):
 
     client, key = jax_distributed.global_state.client, f"bebop/{name}/error"
     if jax.process_index() == 0:
+        error = ""
         try:
-            result = fn()
-            client.key_value_set(key, "")
+            return fn()
         except BaseException as e:
-            client.key_value_set(key, f"{type(e).__name__}: {e}")
-            barrier(f"{name} done", timeout_s)
+            error = f"{type(e).__name__}: {e}"
             raise
-        barrier(f"{name} done", timeout_s)
-        return result
+        finally:
+            client.key_value_set(key, error)
+            barrier(f"{name} done", timeout_s)
     barrier(f"{name} done", timeout_s)
     error = client.blocking_key_value_get(key, 60_000)
     if error:

@@ -61,8 +61,13 @@ def run_workers(out_dir, module: str = "tests.multihost_worker", optimize: bool 
 
 
 def collect(procs: list[subprocess.Popen], out_dir, timeout: float = 300) -> list[dict]:
-    """Waits for the worker processes (killing stragglers), checks that each exited 0 and returns
-    their {out_dir}/process{i}.json."""
+    """Waits for the worker processes (`wait_all`) and returns their {out_dir}/process{i}.json."""
+    wait_all(procs, timeout)
+    return [json.loads((out_dir / f"process{i}.json").read_text()) for i in range(len(procs))]
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    """Waits for the processes (killing stragglers), checks that each exited 0; returns their outputs."""
     try:
         logs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
@@ -71,7 +76,7 @@ def collect(procs: list[subprocess.Popen], out_dir, timeout: float = 300) -> lis
                 p.kill()
     for i, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
-    return [json.loads((out_dir / f"process{i}.json").read_text()) for i in range(len(procs))]
+    return logs
 
 
 def global_batches(num_steps: int) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ import pytest
 
 from bebop_jax.checkpoint import RunCheckpoints
 from bebop_jax.rl.records import read_history
-from tests.test_multihost import collect, free_port
+from tests.test_multihost import collect, free_port, wait_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,15 +107,7 @@ def bebop(num_processes: int, *args: str, timeout: float = 300) -> list[str]:
     procs = [subprocess.Popen([sys.executable, "-m", "bebop_jax.cli", *args, *mesh(i)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(num_processes)]
-    try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{out[-3000:]}"
-    return outs
+    return wait_all(procs, timeout)
 
 
 def test_sample_data_splits_its_shards_and_generate_runs_on_process_0(tiny_dir, tmp_path):
