@@ -208,6 +208,33 @@ def test_hidden_cache_off_gives_the_same_run(tiny, full_run):
     assert len(os.listdir(base / "cache")) == 1  # one cache file, made by the cached run
 
 
+def test_hidden_cache_resumes_an_interrupted_computation(tiny, tmp_path, monkeypatch):
+    """Rows run in batches cut to their filled length; a computation stopped after batch 20 of 24 resumes
+    from the last count written (batch 16) and ends with the states of whole rows (zero past the fill)."""
+    model, base, _ = tiny
+    rows = data_lib.layout_rows(data_lib.read_shards(str(base / "data/train")), 32, False)
+    batches = trunk_cache.length_batches(rows, 2, multiple=8)
+    assert len(batches) == 24 and {L for _, L in batches} > {32}  # some batches are cut
+    real, calls = trunk_cache.trunk_hidden, []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 21:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trunk_cache, "trunk_hidden", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        trunk_cache.hidden_cache(model, rows, str(tmp_path), batch_size=2, fingerprint="f", multiple=8)
+    calls.clear()
+    hidden = np.asarray(trunk_cache.hidden_cache(model, rows, str(tmp_path), batch_size=2, fingerprint="f", multiple=8))
+    assert len(calls) == 8 and os.listdir(tmp_path) == ["hidden_f.npy"]
+    whole = np.asarray(real(model.params, rows.tokens, rows.positions, rows.segment_ids, cfg=model.cfg))
+    filled = rows.segment_ids > 0
+    np.testing.assert_allclose(hidden[filled].astype(np.float32), whole[filled].astype(np.float32), atol=2e-2)
+    assert not hidden[~filled].astype(np.float32).any()
+
+
 def test_draft_subvocabulary_run_learns_saves_its_ids_and_continues(tiny):
     """Heads trained on the 24 most frequent completion ids: the ids travel with the heads, eval-acceptance
     scores q on them against the full p exactly as training does, and a continued run keeps them."""

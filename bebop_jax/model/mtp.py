@@ -65,7 +65,8 @@ class MTPLayer(nn.Module):
         fc = param_with_axes(self, "fc", (2 * D, D), ("mtp_concat", "embed"))
         x = jnp.concatenate([e, h], axis=-1) @ fc.astype(dt)  # [B, T, D], embedding first
         cos, sin = rope_tables(cfg, positions)
-        x, cache = Block(cfg, name="block")(x, cos, sin, positions, cache, segment_ids)
+        # the first origin (t = 0) writes slot 1: slot 0 holds no key, in training as in decoding
+        x, cache = Block(cfg, first_slot=1, name="block")(x, cos, sin, positions, cache, segment_ids)
         return RMSNorm(cfg.rms_norm_eps, dt, name="norm")(x), cache
 
 
@@ -112,16 +113,22 @@ def vocab_matrix(cfg: TransformerConfig, trunk_params: dict) -> jax.Array:
     return trunk_params["embedding"] if cfg.tie_word_embeddings else trunk_params["lm_head"].T
 
 
+def heads_input(trunk_hidden: jax.Array) -> jax.Array:
+    """h^0 as the heads see it, in training (`trunk_cache` stores it in bf16) and in decoding alike:
+    rounded to bf16, in the input's dtype. [..., D] -> [..., D]."""
+    return trunk_hidden.astype(jnp.bfloat16).astype(trunk_hidden.dtype)
+
+
 def teacher_forced_hidden(cfg: TransformerConfig, mtp: MTPConfig, mtp_params: dict, trunk_hidden, embeddings,
                           positions, segment_ids=None) -> list[jax.Array]:
     """All K draft hidden states under teacher forcing, for training and evaluation.
 
-    trunk_hidden [B,T,D]: h^0; embeddings [B,T,D]: E x_t of the same sequence; positions [B,T].
+    trunk_hidden [B,T,D]: h^0 (taken through `heads_input`); embeddings [B,T,D]: E x_t of the same sequence; positions [B,T].
     Returns [h^1, ..., h^K], each [B,T,D]; h^k at index t drafts x_{t+k+1}. Step k takes E x_{t+k},
     the sequence shifted left by k (its last k entries see a zero embedding and must be masked).
     """
     heads = MTPHeads(cfg, mtp)
-    out, h = [], trunk_hidden
+    out, h = [], heads_input(trunk_hidden)
     for k in range(1, mtp.num_steps + 1):
         emb = jnp.pad(embeddings[:, k:], ((0, 0), (0, k), (0, 0)))  # [B,T,D]: E x_{t+k}
         h, _ = heads.apply({"params": mtp_params}, k, emb, h, positions + k, None, segment_ids, method=MTPHeads.step)

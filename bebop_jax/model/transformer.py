@@ -160,9 +160,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE over an explicit KV cache."""
+    """Grouped-query self-attention with RoPE over an explicit KV cache.
+
+    first_slot: the cache's first slot that holds a key (slots before it are never attended): 0 for the
+    trunk; 1 for the MTP step-1 layer, whose first origin t = 0 writes slot t + 1.
+    """
 
     cfg: TransformerConfig
+    first_slot: int = 0
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, cache: KVCache | None, segment_ids=None):
@@ -201,7 +206,7 @@ class Attention(nn.Module):
                             nn.with_logical_constraint(cache.v, CACHE_AXES.v))
             keys, values = cache.k.astype(dt), cache.v.astype(dt)
             slots = jnp.arange(keys.shape[3])  # [S]
-            valid = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+            valid = (slots[None, None, :] <= positions[:, :, None]) & (slots >= self.first_slot)  # [B, T, S]
 
         B, T = x.shape[:2]
         G = N // K
@@ -235,14 +240,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)). first_slot: `Attention`'s."""
 
     cfg: TransformerConfig
+    first_slot: int = 0
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, cache, segment_ids=None):
         cfg = self.cfg
-        h, cache = Attention(cfg, name="attn")(
+        h, cache = Attention(cfg, self.first_slot, name="attn")(
             RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="attn_norm")(x), cos, sin, positions, cache, segment_ids
         )
         x = x + h
