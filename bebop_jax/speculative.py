@@ -54,7 +54,7 @@ class SpecState:
     done: jax.Array  # [B] bool
     trunk_cache: tuple
     mtp_cache: tuple
-    key: jax.Array
+    key: jax.Array  # [B] one PRNG key per sequence
     verify_steps: jax.Array  # [B] int32 verify steps taken while active
     accepted: jax.Array  # [B] int32 drafts accepted in total
     accepted_at: jax.Array  # [K] int32 steps (all rows) whose draft k was accepted
@@ -94,6 +94,8 @@ def prefill(params, mtp_params, tokens, lengths, key, temperature, *, cfg, mtp_c
             cache_len, greedy, top_p, eos_ids) -> SpecState:
     """Runs the prompts [B, P] (lengths [B]), samples the first token, primes the MTP step-1 cache.
 
+    key: one key per sequence [B] (`sampling.sequence_keys`), or one key, taken as fold_in(key, row);
+    each row's randomness comes from its own key, so its tokens do not depend on the rest of the batch.
     temperature: a traced scalar (> 0) unless `greedy` (static), which decodes by argmax.
     """
     temperature = 0.0 if greedy else temperature
@@ -104,7 +106,7 @@ def prefill(params, mtp_params, tokens, lengths, key, temperature, *, cfg, mtp_c
     hidden, trunk_cache = forward(params, tokens, positions, init_cache(cfg, B, cache_len))
     rows = jnp.arange(B)
     last_logits = logits(params, hidden[rows, lengths - 1])  # [B, V]
-    key, sub = jax.random.split(key)
+    key, sub = sampling.split_rows(sampling.sequence_keys(key, B) if key.ndim == 0 else key, 2)
     first = sampling.sample(sub, last_logits, temperature, top_p)  # [B]
     logp, ent = sampling.token_logprob_and_entropy(last_logits, first, temperature, top_p)
     if mtp_cfg is not None and num_draft > 0:
@@ -146,7 +148,7 @@ def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, emb
             cache = cache[:i] + (layer_cache,) + cache[i + 1:]
             h = out[:, 0]
         q = sampling.probs_from_logits(draft_logits(h), temperature, top_p)  # [B, Vd]
-        key, sub = jax.random.split(key)
+        key, sub = sampling.split_rows(key, 2)
         d = jnp.argmax(q, axis=-1).astype(jnp.int32)
         if not sampling.is_greedy(temperature):
             d = jnp.where(greedy_draft, d, sampling.categorical(sub, q))
@@ -179,7 +181,7 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, *, cfg
         return (s.step < N) & ~jnp.all(s.done)
 
     def body(s: SpecState):
-        key, k_draft, k_verify = jax.random.split(s.key, 3)
+        key, k_draft, k_verify = sampling.split_rows(s.key, 3)
         last = jnp.maximum(s.tokens[rows, s.num_tokens - 1], 0)  # [B] x_n (finished rows: a dummy)
         if K > 0:
             drafts, draft_probs, mtp_cache = _draft(
@@ -307,6 +309,7 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
                          draft_ids=None) -> Rollout:
     """Generates from token-list prompts with MTP drafts verified by `mode` (or plain, mode='none').
 
+    key: one key (row b draws from fold_in(key, b)) or one key per prompt [B] (`prefill`).
     draft_ids [Vd]: optional draft sub-vocabulary (e.g. `frequent_tokens`); exactness is unaffected.
     """
     if mode not in MODES:
@@ -318,6 +321,8 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
             raise ValueError(f"mode {mode!r} needs MTP heads (mtp_cfg and mtp_params); use mode='none' without them")
         if not 1 <= num_draft <= mtp_cfg.num_steps:
             raise ValueError(f"num_draft must be in 1..{mtp_cfg.num_steps} (the heads' steps), got {num_draft}")
+    if key.ndim and key.shape != (len(prompts),):
+        raise ValueError(f"key: expected one key or one per prompt ({len(prompts)}), found shape {key.shape}")
     tokens, lengths = pad_prompts(prompts)
     check_lengths(lengths, max_new_tokens, max_seq_len or cfg.max_position_embeddings)
     static = dict(cfg=cfg, mtp_cfg=mtp_cfg, num_draft=num_draft, greedy=float(temperature) == 0.0,

@@ -69,12 +69,21 @@ class BlockSizes:
                 f"BlockSizes.block_v: expected a positive multiple of {_LANES}, found {self.block_v!r}")
 
 
+def row_uniform(key, shape, minval=0.0):
+    """Uniforms in [minval, 1) of `shape` from one key [], or from one key per row [B] (shape[0] == B):
+    then row b's values depend on its key only, not on the batch it is in."""
+    if key.ndim == 0:
+        return jax.random.uniform(key, shape, jnp.float32, minval=minval)
+    return jax.vmap(lambda k: jax.random.uniform(k, shape[1:], jnp.float32, minval=minval))(key)
+
+
 def _draw_noise(key, batch, num_drafts, vocab):
-    """Uniforms u[B,K] in [tiny, 1) for the accept tests, exponentials E[B,R,V] in (0, 87.4] for the races."""
-    key_u, key_e = jax.random.split(key)
+    """Uniforms u[B,K] in [tiny, 1) for the accept tests, exponentials E[B,R,V] in (0, 87.4] for the races.
+    key: [] or one per row [B]."""
+    key_u, key_e = jax.random.split(key) if key.ndim == 0 else jax.vmap(jax.random.split)(key).T
     tiny = jnp.finfo(jnp.float32).tiny
-    u = jax.random.uniform(key_u, (batch, num_drafts), jnp.float32, minval=tiny)  # [B,K]
-    uniform_e = jax.random.uniform(key_e, (batch, num_drafts + 1, vocab), jnp.float32, minval=tiny)
+    u = row_uniform(key_u, (batch, num_drafts), tiny)  # [B,K]
+    uniform_e = row_uniform(key_e, (batch, num_drafts + 1, vocab), tiny)
     return u, -jnp.log(uniform_e)  # [B,K], [B,R,V]
 
 
@@ -318,7 +327,8 @@ def rejection_sample(draft_tokens, draft_probs, target_probs, key, *, mode="reje
     """Verify K drafts per sequence; the emitted tokens are distributed exactly as sampling from p.
 
     draft_tokens[B,K] int, draft_probs[B,K,V] float (q_k, the distribution d_k was sampled from),
-    target_probs[B,K+1,V] float (p_1..p_{K+1} from the verify forward), key: a jax PRNG key.
+    target_probs[B,K+1,V] float (p_1..p_{K+1} from the verify forward), key: a jax PRNG key, or one per
+    sequence [B] (each row's noise then depends on its own key only).
     mode: "rejection" | "greedy_draft" | "block" (see the module docstring); implementation: None
     (Pallas kernel on TPU, jnp reference elsewhere, by `placement.platform()`), "reference", "pallas",
     "pallas_interpret"; partition: a `placement.Partition` of the rows and vocabulary (the Pallas kernel

@@ -236,3 +236,27 @@ def test_engine_mtp_states_equal_the_teacher_forced_ones():
         seq = prompt + np.asarray(state.tokens[b, :int(state.num_tokens[b])]).tolist()
         assert int(state.position[b]) == len(seq) - 1
         np.testing.assert_allclose(state.draft_hidden[b], teacher_h1(seq)[len(seq) - 2], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["none", "rejection"])
+def test_a_row_with_its_own_key_is_the_same_in_any_batch(mode):
+    """Per-sequence keys (fold_in of a sequence id): each row of a batch of 8 prompts of mixed lengths
+    equals that prompt run alone with its key, token for token (the batch used to share one key)."""
+    from bebop_jax.sampling import sequence_keys
+
+    cfg, params, mtp, heads = _tiny(16, 2.0, mtp_steps=3, seed=5)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 16, n).tolist() for n in (3, 9, 5, 2, 7, 4, 11, 6)]
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(3), 1000 + jnp.arange(8))
+    kw = dict(mtp_params=heads, mtp_cfg=mtp, mode=mode, num_draft=3, max_new_tokens=12, temperature=1.0)
+    batch = speculative_generate(params, cfg, prompts, keys, **kw)
+    for b, prompt in enumerate(prompts):
+        alone = speculative_generate(params, cfg, [prompt], keys[b:b + 1], **kw)
+        np.testing.assert_array_equal(alone.tokens[0], batch.tokens[b])
+        np.testing.assert_allclose(alone.logprobs[0], batch.logprobs[b], atol=1e-5)
+    # one key stands for fold_in(key, row): the same as passing those keys
+    again = speculative_generate(params, cfg, prompts, jax.random.key(3), **kw)
+    np.testing.assert_array_equal(again.tokens, speculative_generate(params, cfg, prompts,
+                                                                     sequence_keys(jax.random.key(3), 8), **kw).tokens)
+    with pytest.raises(ValueError, match="one key or one per prompt"):
+        speculative_generate(params, cfg, prompts, keys[:3], **kw)
