@@ -6,7 +6,7 @@ compared as what those heads are trained with next. So every loss continues from
 start (`--warm-steps` of CE from the trunk-copied init; 0 = all start from that init) for `--steps`
 more steps on the same batches, then `bebop eval-acceptance` scores each on the held-out samples.
 
-    python benchmarks/mtp_losses.py --warm-steps 150 --steps 150 [config overrides ...]
+    python benchmarks/mtp_losses.py --warm-steps 150 --steps 150 [--losses ce,e2e_tv] [config overrides ...]
 
 Writes {out}/{warm,<loss>...}/ (resumable: finished runs and evaluations are kept) and a JSON
 result with, per loss at each temperature: alpha_1..K, the expected accepted length, the entropy slope
@@ -58,10 +58,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", default="configs/smollm2-135m-mtp.yaml")
     parser.add_argument("--warm-steps", type=int, default=150, help="shared CE warm start (0: none)")
     parser.add_argument("--steps", type=int, default=150, help="steps of each loss after the warm start")
+    parser.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated subset of {','.join(LOSSES)}")
     parser.add_argument("--out-dir", default="runs/mtp-compare")
     parser.add_argument("--result", default="benchmarks/results/mtp_losses_smollm2.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_args(argv)
+    losses = args.losses.split(",")
+    if unknown := [x for x in losses if x not in LOSSES]:
+        parser.error(f"--losses: unknown {', '.join(unknown)}; choose from {', '.join(LOSSES)}")
     cfg = load_config(args.config, args.overrides)
     model = load_model(cfg.model.source, cfg.model.dtype)
 
@@ -70,7 +74,7 @@ def main(argv=None) -> dict:
         warm = _train(cfg, model, os.path.join(args.out_dir, "warm"), loss="ce", steps=args.warm_steps)
         init = os.path.join(args.out_dir, "warm")
     rows = {}
-    for loss in LOSSES:
+    for loss in losses:
         run = os.path.join(args.out_dir, loss)
         # the warm start's schedule ended at 10% of the peak; each loss gets a fresh warm-up and decay
         summary = _train(cfg, model, run, loss=loss, steps=args.steps, init=init)
