@@ -32,7 +32,7 @@ import numpy as np
 
 from bebop_jax import sampling, sharding
 from bebop_jax.batching import cache_length_for, check_lengths, pad_prompts
-from bebop_jax.model.mtp import MTPConfig, MTPHeads, heads_input, init_mtp_cache, vocab_matrix
+from bebop_jax.model.mtp import MTPConfig, MTPHeads, init_mtp_cache, vocab_matrix
 from bebop_jax.model.transformer import Transformer, TransformerConfig, init_cache, vocab_logits
 from kernels_pallas.rejection_sampling import rejection_sample
 
@@ -82,9 +82,8 @@ def _fns(cfg: TransformerConfig, mtp_cfg: MTPConfig | None):
 
 def _mtp_refresh(mtp_step, params, mtp_params, embed, mtp_cfg, tokens_next, hidden, positions, mtp_cache):
     """MTP step 1 over origins with known trunk states: tokens_next [B,W] = x_{j+1}, hidden [B,W,D] = h^0_j,
-    positions [B,W] = j + 1. Writes layer 0's cache; returns (h^1 [B,W,D], mtp_cache). The heads see
-    h^0 rounded as in training (`heads_input`)."""
-    h1, layer0 = mtp_step(mtp_params, 1, embed(params, tokens_next), heads_input(hidden), positions, mtp_cache[0])
+    positions [B,W] = j + 1. Writes layer 0's cache; returns (h^1 [B,W,D], mtp_cache)."""
+    h1, layer0 = mtp_step(mtp_params, 1, embed(params, tokens_next), hidden, positions, mtp_cache[0])
     return h1, (layer0,) + tuple(mtp_cache[1:])
 
 

@@ -65,15 +65,18 @@ def length_batches(rows: data_lib.Rows, batch_size: int, multiple: int = 32):
     return out
 
 
+_RESUME_EVERY = 16  # batches between the hidden cache's resume points
+
+
 def hidden_cache(model: LoadedModel, rows: data_lib.Rows, cache_dir: str, batch_size: int = 8,
                  progress: bool = False, fingerprint: str | None = None, multiple: int = 32) -> np.ndarray:
     """The trunk's hidden states of every row, [R,T,D] bf16 (zero past a row's filled length), from
     `cache_dir` or computed once and stored there.
 
     Rows run in batches of similar filled length, cut to it (`length_batches`, columns a multiple of
-    `multiple`). The states go to a
-    temporary file of this process with a count of the batches done beside it, so an interrupted
-    computation resumes where it stopped; the file is renamed when complete.
+    `multiple`). The states go to a temporary file of this process with a count of the batches done beside
+    it (every `_RESUME_EVERY` batches), so an interrupted computation resumes where it stopped; the file is
+    renamed when complete.
     """
     path = os.path.join(cache_dir, f"hidden_{fingerprint or rows_fingerprint(model, rows)}.npy")
     if not os.path.isfile(path):
@@ -92,7 +95,7 @@ def hidden_cache(model: LoadedModel, rows: data_lib.Rows, cache_dir: str, batch_
             h = trunk_hidden(model.params, rows.tokens[idx, :L], rows.positions[idx, :L],
                              rows.segment_ids[idx, :L], cfg=model.cfg)
             out[idx, :L] = np.where(rows.segment_ids[idx, :L, None] > 0, np.asarray(h).view(np.uint16), 0)
-            if (b + 1) % 16 == 0:  # the states first, then the count that vouches for them
+            if (b + 1) % _RESUME_EVERY == 0:  # the states first, then the count that vouches for them
                 out.flush()
                 with open(done_file, "w") as f:
                     f.write(str(b + 1))

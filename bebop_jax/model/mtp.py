@@ -85,6 +85,9 @@ class MTPHeads(nn.Module):
         return outs[0]
 
     def step(self, k: int, emb, h_prev, positions, cache=None, segment_ids=None):
+        """Draft step k; step 1 takes the trunk's h^0 through `heads_input`, in training and decoding alike."""
+        if k == 1:
+            h_prev = heads_input(h_prev)
         return self.layers[self.mtp.layer_of(k)](emb, h_prev, positions, cache, segment_ids)
 
 
@@ -123,12 +126,12 @@ def teacher_forced_hidden(cfg: TransformerConfig, mtp: MTPConfig, mtp_params: di
                           positions, segment_ids=None) -> list[jax.Array]:
     """All K draft hidden states under teacher forcing, for training and evaluation.
 
-    trunk_hidden [B,T,D]: h^0 (taken through `heads_input`); embeddings [B,T,D]: E x_t of the same sequence; positions [B,T].
+    trunk_hidden [B,T,D]: h^0; embeddings [B,T,D]: E x_t of the same sequence; positions [B,T].
     Returns [h^1, ..., h^K], each [B,T,D]; h^k at index t drafts x_{t+k+1}. Step k takes E x_{t+k},
     the sequence shifted left by k (its last k entries see a zero embedding and must be masked).
     """
     heads = MTPHeads(cfg, mtp)
-    out, h = [], heads_input(trunk_hidden)
+    out, h = [], trunk_hidden
     for k in range(1, mtp.num_steps + 1):
         emb = jnp.pad(embeddings[:, k:], ((0, 0), (0, k), (0, 0)))  # [B,T,D]: E x_{t+k}
         h, _ = heads.apply({"params": mtp_params}, k, emb, h, positions + k, None, segment_ids, method=MTPHeads.step)
