@@ -234,13 +234,17 @@ def cmd_pretrain_mtp(args: argparse.Namespace) -> None:
 
 def cmd_eval_acceptance(args: argparse.Namespace) -> None:
     cfg = _config_from_args(args, _EVAL_FLAGS)
-    _lead_only(cfg, "eval-acceptance", lambda: _eval_acceptance(cfg, args))
+    import jax
 
-
-def _eval_acceptance(cfg: Config, args: argparse.Namespace) -> None:
+    from bebop_jax.distributed import barrier, initialize
     from bebop_jax.eval_acceptance import run
 
+    initialize(cfg.mesh)  # under --worker=all each process scores its share of the held-out rows
     report = _user_errors(lambda: run(cfg, args.heads, args.out))
+    if jax.process_count() > 1:
+        barrier("eval-acceptance written")
+    if jax.process_index() != 0:
+        return
     for res in report["results"]:
         alphas = "  ".join(f"alpha_{k + 1}={a:.3f}" for k, a in enumerate(res["alpha"]))
         slope = res["heads"][0]["fit"]["slope"]

@@ -142,7 +142,7 @@ def check_shared_dir(path: str, key: str) -> None:
 
 def lead_only(name: str, fn, timeout_s: float = 3600.0):
     """Runs `fn()` on process 0 while the others wait (a stage whose output is one set of files:
-    generate, export, analyze, eval-acceptance); returns its result on process 0, None elsewhere. When
+    generate, export, analyze); returns its result on process 0, None elsewhere. When
     it fails there, the others fail too, with its message."""
     if jax.process_count() == 1:
         return fn()

@@ -22,6 +22,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from bebop_jax import data as data_lib
 from bebop_jax.checkpoint import load_mtp_heads
@@ -87,13 +88,18 @@ def evaluate(model: LoadedModel, mtp: MTPConfig, mtp_params: dict, seqs: data_li
     seq_len = int(-(-max(len(t) for t in seqs.tokens) // 64) * 64)
     rows = data_lib.layout_rows(seqs, seq_len, pack=False)
     num_origins = data_lib.max_loss_origins(rows, mtp.num_steps)
-    pad = -len(rows) % batch_size  # extra rows without completion tokens: masked everywhere
+    # Under jax.distributed each process scores every P-th batch; the scores are gathered, so every process
+    # reports on all rows. Extra rows without completion tokens (masked everywhere) even out the batches.
+    rank, num_procs = jax.process_index(), jax.process_count()
+    pad = -len(rows) % (batch_size * num_procs)
     arrays = {name: np.concatenate([getattr(rows, name), np.zeros((pad, seq_len), getattr(rows, name).dtype)])
               for name in ("tokens", "positions", "segment_ids", "completion")}
     mtp_params = jax.tree.map(jnp.asarray, mtp_params)
     ids = None if draft_ids is None else jnp.asarray(draft_ids, jnp.int32)
     alphas, entropies, masks = [], [], []
-    for start in range(0, len(rows) + pad, batch_size):
+    starts = range(rank * batch_size, len(rows) + pad, batch_size * num_procs)
+    for start in tqdm(starts, desc="eval-acceptance" + (f" (process {rank})" if num_procs > 1 else ""),
+                      unit="batch"):
         batch = {name: a[start:start + batch_size] for name, a in arrays.items()}
         a, e, m = score_batch(model.params, mtp_params, batch, ids, cfg=model.cfg, mtp=mtp,
                               temperatures=tuple(temperatures), num_origins=num_origins)
@@ -101,6 +107,11 @@ def evaluate(model: LoadedModel, mtp: MTPConfig, mtp_params: dict, seqs: data_li
         entropies.append(np.asarray(e))
         masks.append(np.asarray(m))
     alpha, entropy, mask = (np.concatenate(x, axis=-1) for x in (alphas, entropies, masks))  # [nT,K,N], [K,N]
+    if num_procs > 1:  # [P, ..., N / P] -> [..., N]: every statistic below is order-free over origins
+        from jax.experimental import multihost_utils
+
+        alpha, entropy, mask = (np.concatenate(list(multihost_utils.process_allgather(x)), axis=-1)
+                                for x in (alpha, entropy, mask))
     results = []
     for i, tau in enumerate(temperatures):
         per_head = [dict(k=k + 1, alpha=float(alpha[i, k][mask[k]].mean()),
@@ -140,9 +151,10 @@ def plot(report: dict, path: str) -> None:
 
 
 def run(cfg: Config, heads: str, out: str | None = None, model: LoadedModel | None = None) -> dict:
-    """`bebop eval-acceptance`: evaluates the heads at `heads` (run dir or HF dir); writes JSON + PNG.
+    """`bebop eval-acceptance`: evaluates the heads at `heads` (run dir, HF dir or heads file); writes JSON + PNG.
 
-    `out` defaults to `{heads}/acceptance.json`; the plot goes beside it as .png.
+    `out` defaults to `{heads}/acceptance.json`; the plot goes beside it as .png. Under jax.distributed
+    every process scores its share of the rows and process 0 alone writes.
     """
     model = model or load_model(cfg.model.source, cfg.model.dtype)
     mtp, params, draft_ids = load_mtp_heads(heads, model.cfg)
@@ -151,6 +163,8 @@ def run(cfg: Config, heads: str, out: str | None = None, model: LoadedModel | No
                       draft_ids)
     report = {"heads": heads, "data": os.path.join(cfg.data.dir, "heldout")} | report
     out = out or os.path.join(heads, "acceptance.json")
+    if jax.process_index() != 0:
+        return report
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=2)

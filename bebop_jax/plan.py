@@ -303,34 +303,121 @@ def _shape_bytes(text: str) -> int:
     return math.prod(int(d) for d in m.group(2).split(",") if d) * _ITEMSIZE[m.group(1)]
 
 
-def scatter_overcount(hlo: str) -> int:
-    """Bytes that XLA's cost analysis counts beyond what a fusion's in-place scatters move.
+_LAYOUT_SHAPE = re.compile(r"(?:pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[[0-9,]*\](?:\{[^}]*\})?")
+_INSTRUCTION = re.compile(r"\s*(ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)")
+_NO_TRAFFIC = ("parameter", "get-tuple-element", "bitcast", "constant", "tuple", "while", "conditional", "call",
+               "partition-id", "replica-id", "after-all")
+_SLICING = ("gather", "dynamic-slice", "slice")
 
-    It counts a fusion by its operands and outputs whole, so a scatter at a fusion's root into one of
-    its parameters (a KV-cache write, done in place: the buffers alias) reads and writes the whole
-    cache; it moves its updates, twice. `hlo`: the compiled program's text (`compiled.as_text()`).
+
+def _buffers(shape: str) -> list[tuple[int, bool]]:
+    """(bytes, in VMEM) of each array in an instruction's shape (a tuple's elements in order)."""
+    return [(_shape_bytes(t), "S(1)" in t) for t in _LAYOUT_SHAPE.findall(shape)]
+
+
+def _computations(hlo: str) -> dict[str, list[tuple]]:
+    """Computation name -> its instructions as (root, name, shape, op, operand names, the computation a
+    fusion calls or a parameter's index)."""
+    comps = {}
+    for comp in re.split(r"\n(?=%|ENTRY )", hlo):
+        head = re.match(r"(?:ENTRY )?%([\w.\-]+)", comp)
+        if not head:
+            continue
+        comps[head.group(1)] = instructions = []
+        for m in map(_INSTRUCTION.match, comp.split("\n")[1:]):
+            if m:
+                args, _, attrs = m[5].partition("), ")
+                called = re.search(r"calls=%([\w.\-]+)", attrs)
+                extra = int(re.match(r"\d+", args).group(0)) if m[4] == "parameter" else called and called.group(1)
+                instructions.append((m[1], m[2], m[3], m[4], re.findall(r"%([\w.\-]+)", args), extra))
+    return comps
+
+
+def _fusion_reads(fused: list[tuple], operands: list[list[tuple[int, bool]]]) -> tuple[int, int]:
+    """(HBM bytes a fusion reads, bytes its outputs write) from its fused computation: an operand
+    that only feeds gathers or slices is read by the rows they take; a root scatter into an operand
+    (in place: a KV-cache write) reads and writes its updates, not the whole buffer."""
+    shape_of = {ins[1]: ins[2] for ins in fused}
+    users: dict[str, list[tuple]] = {}
+    for ins in fused:
+        for o in ins[4]:
+            users.setdefault(o, []).append(ins)
+    params = {name: index for _, name, _, op, _, index in fused if op == "parameter"}
+    read, in_place = 0, None
+    root = next((ins for ins in fused if ins[0]), fused[-1])
+    if root[3] == "scatter" and root[4] and root[4][0] in params:
+        in_place = root[4][0]
+        updates = _shape_bytes(shape_of[root[4][2]])
+    for name, index in params.items():
+        size, in_vmem = operands[index][0] if operands[index] else (0, True)
+        if in_vmem:
+            continue
+        if name == in_place:
+            read += updates
+            continue
+        frontier, chain, taken = [name], {name}, 0
+        while frontier:
+            for user in users.get(frontier.pop(), []):
+                if user[3] == "bitcast":
+                    frontier.append(user[1])
+                    chain.add(user[1])
+                elif user[3] in _SLICING and user[4][0] in chain:
+                    taken += _shape_bytes(user[2])
+                else:
+                    taken = None
+                    break
+            if taken is None:
+                break
+        read += size if taken is None else min(size, taken)
+    return read, (None if in_place is None else updates)
+
+
+def _in_hbm(buffers: list[tuple[int, bool]]) -> int:
+    return sum(size for size, in_vmem in buffers if not in_vmem)
+
+
+def hbm_traffic(hlo: str) -> dict[str, int]:
+    """Bytes a compiled TPU program moves in HBM, by kind: `prefetch` (async copies and slices into VMEM),
+    `scatter` (in-place scatters: KV-cache writes) and `other`; a while loop's body counted once.
+
+    XLA's cost analysis counts every operand and output of an instruction whole, wherever it lives. On a TPU
+    the compiler places small arrays, and weights it prefetches ahead of their use (`copy-start` /
+    `slice-start`), in VMEM (memory space S(1) in a layout): the cost analysis counts a prefetched weight at
+    the copy, as the copy's context, and again at each read from VMEM, and an in-place scatter as a read and
+    a write of the whole buffer. Here each instruction outside fusions counts its operands and outputs in
+    HBM only, a fusion the rows its gathers take, a scatter its updates, and an async copy its HBM side.
+    `hlo`: the compiled program's text (`compiled.as_text()`).
     """
-    over = 0
-    for comp in re.split(r"\n(?=%)", hlo):
-        defs, params = {}, set()
-        for line in comp.split("\n"):
-            m = re.match(r"\s*(ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\((.*)", line)
-            if not m:
+    comps = _computations(hlo)
+    inner = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", hlo))
+    traffic = {"prefetch": 0, "scatter": 0, "other": 0}
+    for comp_name, instructions in comps.items():
+        if comp_name in inner:
+            continue
+        defs: dict[str, list[tuple[int, bool]]] = {}
+        for _, name, shape, op, ops, calls in instructions:
+            defs[name] = _buffers(shape)
+            if op in _NO_TRAFFIC or op.endswith("-done"):
                 continue
-            root, name, shape, op, rest = m.groups()
-            defs[name] = shape
-            if op == "parameter":
-                params.add(name)
-            operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-            if op == "scatter" and root and len(operands) >= 3 and operands[0] in params:
-                over += 2 * (_shape_bytes(shape) - _shape_bytes(defs[operands[2]]))
-    return over
+            operands = [defs.get(o, []) for o in ops]
+            if op in ("copy-start", "slice-start"):  # (source or (source,), destination / context, sync flags)
+                dest = defs[name][-2] if op == "slice-start" else defs[name][0]
+                src_in_vmem = all(v for _, v in operands[0])
+                traffic["prefetch"] += (0 if src_in_vmem else dest[0]) + (0 if dest[1] else dest[0])
+            elif op == "fusion":
+                read, written = _fusion_reads(comps[calls], operands)
+                kind = "other" if written is None else "scatter"
+                traffic[kind] += read + (_in_hbm(defs[name]) if written is None else written)
+            else:
+                traffic["other"] += sum(map(_in_hbm, operands)) + _in_hbm(defs[name])
+    return traffic
 
 
 def compile_step(step: Step, mesh: Mesh, rules: sharding.Rules, lower_on=None) -> dict[str, float]:
     """Lowers and compiles `step` on `mesh` (lowered with `lower_on` as the default device: a compile-only TPU
-    device, `tpu.lowering_for`); the compiler's per-device byte counts, its cost analysis (flops, bytes
-    accessed), `pallas` = 1.0 where a Pallas (Mosaic) kernel is in the program, and the seconds it took."""
+    device, `tpu.lowering_for`); the compiler's per-device byte counts, its cost analysis' flops, the bytes
+    the program moves in HBM (`hbm_traffic`), `pallas` = 1.0 where a Pallas (Mosaic) kernel is in the
+    program, and the seconds it took."""
     t0 = time.perf_counter()
     jitted = sharding.sharded_jit(step.fn, mesh, rules,
                                   in_shardings=sharding.logical_to_sharding(step.args, mesh, rules),
@@ -339,13 +426,13 @@ def compile_step(step: Step, mesh: Mesh, rules: sharding.Rules, lower_on=None) -
     args = sharding.sharded_abstract(step.args, mesh, rules)
     with jax.default_device(lower_on):
         compiled = jitted.lower(*args).compile()
-    m, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    m, cost, hlo = compiled.memory_analysis(), compiled.cost_analysis(), compiled.as_text()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
     return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
             "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
             "flops": float(cost.get("flops", 0.0)),
-            "bytes_accessed": float(cost.get("bytes accessed", 0.0)) - scatter_overcount(compiled.as_text()),
-            "pallas": float("tpu_custom_call" in compiled.as_text()), "seconds": time.perf_counter() - t0}
+            "bytes_accessed": float(sum(hbm_traffic(hlo).values())),
+            "pallas": float("tpu_custom_call" in hlo), "seconds": time.perf_counter() - t0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,7 +450,7 @@ class StepPlan:
     compiled_layers: tuple[int, ...]  # trunk depths compiled (none for the mtp step)
     compile_seconds: float
     flops: float = 0.0  # per device, the compiler's cost analysis (a while loop's body counted once)
-    bytes_accessed: float = 0.0
+    bytes_accessed: float = 0.0  # per device, moved in HBM (`hbm_traffic`)
     pallas: bool = False  # a Pallas kernel is in the compiled program
 
     @property

@@ -125,6 +125,35 @@ def test_sample_data_splits_its_shards_and_generate_runs_on_process_0(tiny_dir, 
     assert "### prompt: say 7" in outs[0] and "### prompt" not in outs[1]
 
 
+def test_eval_acceptance_splits_its_rows_and_reports_like_one_process(tiny_dir, tmp_path):
+    """Two processes each score every other batch of the held-out rows (3 rows, batch 1: one padded) and
+    gather the scores: the report equals one process's, written once, by process 0."""
+    import json
+
+    import jax
+
+    from bebop_jax.checkpoint import save_heads_file
+    from bebop_jax.model import load_model
+    from bebop_jax.model.mtp import MTPConfig, init_mtp_params
+
+    bebop(1, "sample-data", "--model", tiny_dir, "data.prompts=math", "data.num_prompts=2", "data.heldout_prompts=3",
+          "data.sample_batch=3", "data.max_new_tokens=8", f"data.dir={tmp_path / 'data'}")
+    trunk, mtp = load_model(tiny_dir).cfg, MTPConfig(2, 1)
+    save_heads_file(str(tmp_path / "heads.safetensors"), trunk, mtp, init_mtp_params(trunk, mtp, jax.random.key(0)),
+                    None, "tiny")
+    args = lambda out: ["eval-acceptance", "--model", tiny_dir, "--heads", str(tmp_path / "heads.safetensors"),  # noqa: E731
+                        "--data-dir", str(tmp_path / "data"), "--out", str(out), "eval.batch_size=1"]
+    one = bebop(1, *args(tmp_path / "one.json"))
+    two = bebop(2, *args(tmp_path / "two.json"))
+    assert "E[accepted length]" in two[0] and "E[accepted length]" not in two[1] and "wrote" in one[0]
+    assert all(f"eval-acceptance (process {i}): 100%" in out and "| 2/2 " in out for i, out in enumerate(two))
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["num_origins"] == b["num_origins"] and sum(a["num_origins"]) > 0
+    for ra, rb in zip(a["results"], b["results"]):
+        np.testing.assert_allclose(ra["alpha"] + [ra["expected_length"]], rb["alpha"] + [rb["expected_length"]],
+                                   rtol=1e-6)
+
+
 def test_bad_multi_process_setups_are_clear_errors_not_hangs(tiny_dir, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     port = free_port()

@@ -34,13 +34,13 @@ def _full_logits(cfg, params, seqs):
     return m.apply({"params": params}, h, method=Transformer.logits), h
 
 
-def _exact_sequence_probs(cfg, params, n):
-    """P(x_1..x_n | PROMPT) at T=1 for every continuation of length n: [V**n]."""
+def _exact_sequence_probs(cfg, params, n, prompt=PROMPT, temperature=1.0):
+    """P(x_1..x_n | prompt) at `temperature` for every continuation of length n: [V**n]."""
     conts = np.array(list(itertools.product(range(cfg.vocab_size), repeat=n)), np.int32)
-    seqs = np.concatenate([np.tile(PROMPT, (len(conts), 1)), conts], axis=1)
+    seqs = np.concatenate([np.tile(prompt, (len(conts), 1)), conts], axis=1)
     logits, _ = _full_logits(cfg, params, jnp.asarray(seqs))
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    P = len(PROMPT)
+    logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+    P = len(prompt)
     steps = [np.asarray(logp[np.arange(len(conts)), P - 1 + i, conts[:, i]]) for i in range(n)]
     return np.exp(np.sum(steps, axis=0))
 
@@ -66,6 +66,22 @@ def test_sequence_distribution_equals_plain_sampling(mode):
     assert r.metrics(2)["draft_acceptance_rate"] > 0.02  # the drafts do get accepted, so the verify path is exercised
     index = r.tokens @ (cfg.vocab_size ** np.arange(n - 1, -1, -1))
     assert _chisquare_pvalue(index, _exact_sequence_probs(cfg, params, n)) > 1e-3
+
+
+def test_sequence_distribution_is_exact_at_t07_with_mixed_prompt_lengths():
+    """One batch mixing a 3-token and a 7-token prompt, T=0.7, K=3: each prompt's 3-token continuations
+    (V=6: 216 sequences) fit its own exact joint law, so padding, positions and per-row caches are right."""
+    cfg, params, mtp, mtp_params = _tiny(vocab=6, scale=4.0, mtp_steps=3)
+    long_prompt, n, rows = [5, 4, 0, 1, 2, 3, 4], 3, 8000
+    r = speculative_generate(params, cfg, [PROMPT, long_prompt] * rows, jax.random.key(3), mtp_params=mtp_params,
+                             mtp_cfg=mtp, mode="rejection", num_draft=3, max_new_tokens=n, temperature=0.7)
+    assert r.metrics(3)["draft_acceptance_rate"] > 0.02
+    index = r.tokens @ (cfg.vocab_size ** np.arange(n - 1, -1, -1))
+    for i, prompt in enumerate((PROMPT, long_prompt)):
+        probs = _exact_sequence_probs(cfg, params, n, prompt, temperature=0.7)
+        assert _chisquare_pvalue(index[i::2], probs) > 1e-3, prompt
+    wrong = _exact_sequence_probs(cfg, params, n, PROMPT, temperature=0.7)  # the check tells the prompts apart
+    assert _chisquare_pvalue(index[1::2], wrong) < 1e-3
 
 
 def test_a_biased_engine_fails_the_same_check():
