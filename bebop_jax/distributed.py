@@ -121,21 +121,29 @@ def barrier(name: str, timeout_s: float = 900.0) -> None:
                            f"'{name}' within {timeout_s:.0f}s ({str(e).splitlines()[0]})") from None
 
 
-def check_shared_dir(path: str, key: str) -> None:
-    """Raises on every process unless `path` (config key `key`) is one directory that all processes see
-    (a bucket on a pod): process 0 writes a marker there, the others look for it."""
+def processes_seeing(path: str, key: str) -> list[bool]:
+    """For each process, whether it sees the files process 0 writes in directory `path` (config key `key`):
+    process 0 writes a marker there, the others look for it. Every process must call it."""
     if jax.process_count() == 1:
-        return
+        return [True]
     marker = os.path.join(path, f".shared-{jax.process_count()}")
     if jax.process_index() == 0:
         os.makedirs(path, exist_ok=True)
         with open(marker, "w") as f:
             f.write("written by process 0\n")
     barrier(f"shared {key}")  # named by the key: the paths may differ, which is what this checks
-    seen = np.array(os.path.isfile(marker))
-    everyone = multihost_utils.process_allgather(seen)
-    if not np.all(everyone):
-        missing = [i for i, ok in enumerate(np.asarray(everyone).reshape(-1)) if not ok]
+    seen = multihost_utils.process_allgather(np.array(os.path.isfile(marker)))  # after every process looked
+    if jax.process_index() == 0:
+        os.remove(marker)
+    return [bool(x) for x in np.asarray(seen).reshape(-1)]
+
+
+def check_shared_dir(path: str, key: str) -> None:
+    """Raises on every process unless `path` (config key `key`) is one directory that all processes see
+    (a bucket on a pod)."""
+    everyone = processes_seeing(path, key)
+    if not all(everyone):
+        missing = [i for i, ok in enumerate(everyone) if not ok]
         raise ValueError(f"config key '{key}': '{path}' is not shared by the processes (processes {missing} do not "
                          "see process 0's files); give every process the same directory, e.g. a gs:// bucket")
 

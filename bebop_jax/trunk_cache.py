@@ -9,8 +9,8 @@ The fingerprint hashes the trunk (architecture and weights) and the row layout, 
 rows share the files and a changed model or data never reads stale ones. Rows run in batches of similar
 filled length cut to it (on the SmolLM2 mix 73% of the full [R, T] work). Files are written to a
 temporary name of the writing process and renamed when complete; the hidden states' computation
-resumes where an interrupted one stopped. With several processes, process 0
-computes what is missing while the others wait (`load`).
+resumes where an interrupted one stopped. With several processes on a shared cache directory each
+computes a share of the hidden states, which process 0 gathers (`load`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.experimental import multihost_utils
 
 from bebop_jax import data as data_lib
+from bebop_jax.distributed import barrier, processes_seeing
 from bebop_jax.model import LoadedModel
 from bebop_jax.model.transformer import Transformer, TransformerConfig
 
@@ -68,43 +68,71 @@ def length_batches(rows: data_lib.Rows, batch_size: int, multiple: int = 32):
 _RESUME_EVERY = 16  # batches between the hidden cache's resume points
 
 
+def _fill_hidden(model: LoadedModel, rows: data_lib.Rows, tmp: str, batches: list, progress: bool) -> None:
+    """Writes the trunk's states of `batches` (`length_batches`) into the [R,T,D] bf16 file `tmp`, with a
+    count of the batches done beside it (every `_RESUME_EVERY`), so an interrupted run resumes there."""
+    from tqdm import tqdm
+
+    R, T = rows.tokens.shape
+    done_file = f"{tmp}.done"
+    done = int(open(done_file).read()) if os.path.isfile(tmp) and os.path.isfile(done_file) else 0
+    out = np.lib.format.open_memmap(tmp, mode="r+" if done else "w+", dtype=np.uint16,
+                                    shape=(R, T, model.cfg.hidden_size))
+    for b in tqdm(range(done, len(batches)), initial=done, total=len(batches), desc="trunk hidden cache",
+                  disable=not progress):
+        idx, L = batches[b]
+        h = trunk_hidden(model.params, rows.tokens[idx, :L], rows.positions[idx, :L],
+                         rows.segment_ids[idx, :L], cfg=model.cfg)
+        out[idx, :L] = np.where(rows.segment_ids[idx, :L, None] > 0, np.asarray(h).view(np.uint16), 0)
+        if (b + 1) % _RESUME_EVERY == 0:  # the states first, then the count that vouches for them
+            out.flush()
+            with open(done_file, "w") as f:
+                f.write(str(b + 1))
+    out.flush()
+    if os.path.isfile(done_file):
+        os.remove(done_file)
+
+
+def _read(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r").view(ml_dtypes.bfloat16)
+
+
 def hidden_cache(model: LoadedModel, rows: data_lib.Rows, cache_dir: str, batch_size: int = 8,
-                 progress: bool = False, fingerprint: str | None = None, multiple: int = 32) -> np.ndarray:
+                 progress: bool = False, fingerprint: str | None = None, multiple: int = 32,
+                 part: tuple[int, int] = (0, 1)) -> np.ndarray:
     """The trunk's hidden states of every row, [R,T,D] bf16 (zero past a row's filled length), from
     `cache_dir` or computed once and stored there.
 
     Rows run in batches of similar filled length, cut to it (`length_batches`, columns a multiple of
-    `multiple`). The states go to a temporary file of this process with a count of the batches done beside
-    it (every `_RESUME_EVERY` batches), so an interrupted computation resumes where it stopped; the file is
-    renamed when complete.
+    `multiple`), into a temporary file of the computing process (resumable, `_fill_hidden`), renamed when
+    complete. `part` = (i, n), with every process of a shared `cache_dir` calling: process i computes
+    every n-th batch, and process 0 gathers the parts into the one file.
     """
     path = os.path.join(cache_dir, f"hidden_{fingerprint or rows_fingerprint(model, rows)}.npy")
-    if not os.path.isfile(path):
-        from tqdm import tqdm
-
-        os.makedirs(cache_dir, exist_ok=True)
-        R, T = rows.tokens.shape
-        tmp, done_file = f"{path}.{jax.process_index()}.tmp", f"{path}.{jax.process_index()}.done"
-        done = int(open(done_file).read()) if os.path.isfile(tmp) and os.path.isfile(done_file) else 0
-        out = np.lib.format.open_memmap(tmp, mode="r+" if done else "w+", dtype=np.uint16,
-                                        shape=(R, T, model.cfg.hidden_size))
-        batches = length_batches(rows, batch_size, multiple)
-        for b in tqdm(range(done, len(batches)), initial=done, total=len(batches), desc="trunk hidden cache",
-                      disable=not progress):
-            idx, L = batches[b]
-            h = trunk_hidden(model.params, rows.tokens[idx, :L], rows.positions[idx, :L],
-                             rows.segment_ids[idx, :L], cfg=model.cfg)
-            out[idx, :L] = np.where(rows.segment_ids[idx, :L, None] > 0, np.asarray(h).view(np.uint16), 0)
-            if (b + 1) % _RESUME_EVERY == 0:  # the states first, then the count that vouches for them
-                out.flush()
-                with open(done_file, "w") as f:
-                    f.write(str(b + 1))
-        out.flush()
-        del out
+    if os.path.isfile(path):
+        return _read(path)
+    os.makedirs(cache_dir, exist_ok=True)
+    (i, n), batches = part, length_batches(rows, batch_size, multiple)
+    tmp = f"{path}.{jax.process_index()}.tmp"
+    _fill_hidden(model, rows, tmp, batches[i::n], progress)
+    if n > 1:
+        barrier("pretrain-mtp hidden cache parts", timeout_s=24 * 3600.0)
+        if i == 0:
+            out = np.load(tmp, mmap_mode="r+")
+            for j in range(1, n):
+                other = f"{path}.{j}.tmp"
+                src = np.load(other, mmap_mode="r")
+                for idx, L in batches[j::n]:
+                    out[idx, :L] = src[idx, :L]
+                del src
+                os.remove(other)
+            out.flush()
+            del out
+    if i == 0:
         os.replace(tmp, path)
-        if os.path.isfile(done_file):
-            os.remove(done_file)
-    return np.load(path, mmap_mode="r").view(ml_dtypes.bfloat16)
+    if n > 1:
+        barrier("pretrain-mtp hidden cache", timeout_s=3600.0)
+    return _read(path)
 
 
 @functools.partial(jax.jit, static_argnames=("temperature",))
@@ -134,20 +162,19 @@ def load(model: LoadedModel, rows: data_lib.Rows, w_vocab, pc, progress: bool):
     """(hidden [R,T,D] bf16, target_logz [R,T] f32 or None without a draft sub-vocabulary (w_vocab None)),
     read from `pc.cache_dir` or computed and stored there.
 
-    With several processes, process 0 computes what is missing while the others wait; they then read
-    its files, or, where cache_dir is a disk of their own (not shared with process 0), compute their own.
+    With several processes on a shared cache_dir, each computes its share of the hidden states and process 0
+    gathers them and computes the log-normalisers while the others wait; where cache_dir is a disk of
+    each process's own, each computes its own caches.
     """
     fingerprint = rows_fingerprint(model, rows)
-
-    def load():
-        hidden = hidden_cache(model, rows, pc.cache_dir, progress=progress, fingerprint=fingerprint)
-        if w_vocab is None:
-            return hidden, None
-        return hidden, target_logz_cache(hidden, rows, w_vocab, pc.temperature, progress=progress, path=os.path.join(
-            pc.cache_dir, f"logz_{fingerprint}_t{pc.temperature:g}.npy"))
-
-    first = jax.process_index() == 0
-    caches = load() if first else None
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("pretrain-mtp caches")
-    return caches if first else load()
+    shared = all(processes_seeing(pc.cache_dir, "pretrain.cache_dir"))
+    part = (jax.process_index(), jax.process_count()) if shared else (0, 1)
+    hidden = hidden_cache(model, rows, pc.cache_dir, progress=progress, fingerprint=fingerprint, part=part)
+    if w_vocab is None:
+        return hidden, None
+    path = os.path.join(pc.cache_dir, f"logz_{fingerprint}_t{pc.temperature:g}.npy")
+    first = jax.process_index() == 0 or not shared
+    logz = target_logz_cache(hidden, rows, w_vocab, pc.temperature, progress=progress, path=path) if first else None
+    if shared and jax.process_count() > 1:
+        barrier("pretrain-mtp log-normalisers", timeout_s=24 * 3600.0)
+    return hidden, logz if first else np.load(path)
