@@ -30,7 +30,7 @@ from bebop_jax.config import Config
 from bebop_jax.losses import expected_accepted
 from bebop_jax.model import LoadedModel, load_model
 from bebop_jax.model.mtp import MTPConfig, vocab_matrix
-from bebop_jax.model.transformer import Transformer, TransformerConfig
+from bebop_jax.model.transformer import Transformer, TransformerConfig, vocab_logits
 from bebop_jax.pretrain_mtp import draft_inputs
 
 
@@ -49,8 +49,8 @@ def score_batch(trunk_params, mtp_params, batch, draft_ids=None, *, cfg: Transfo
     w_draft = w if draft_ids is None else w[draft_ids]  # [Vd,D]
 
     def one_step(hs):  # one draft step at a time: [N,V] logits of p and q, never [K,N,V]
-        z_q = jnp.einsum("ND,VD->NV", hs[0], w_draft, preferred_element_type=jnp.float32)
-        z_p = jnp.einsum("ND,VD->NV", hs[1], w, preferred_element_type=jnp.float32)
+        z_q = vocab_logits(hs[0], w_draft, w_draft.dtype)
+        z_p = vocab_logits(hs[1], w, w.dtype)
         alphas, entropies = [], []
         for tau in temperatures:
             logp, logq = jax.nn.log_softmax(z_p / tau, -1), jax.nn.log_softmax(z_q / tau, -1)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from bebop_jax import sharding
+from bebop_jax.model.transformer import vocab_logits
 from kernels_pallas.tv_loss import fused_acceptance
 
 LOSSES = ("ce", "kl", "tv", "e2e_tv", "lk_alpha", "lk_lambda")
@@ -60,7 +61,7 @@ def _row_chunks(fn, *arrays):
 def cross_entropy(h_draft, targets, w_vocab, temperature: float = 1.0):
     """-log q(target) per row: h_draft [N,D], targets [N] int, w_vocab [V,D] -> [N]."""
     def fn(h, y):
-        logq = jax.nn.log_softmax(jnp.einsum("ND,VD->NV", h, w_vocab, preferred_element_type=jnp.float32)
+        logq = jax.nn.log_softmax(vocab_logits(h, w_vocab, w_vocab.dtype)
                                   / temperature, axis=-1)
         return -jnp.take_along_axis(logq, jnp.maximum(y, 0)[:, None], axis=-1)[:, 0]
     return _row_chunks(fn, h_draft, targets)
@@ -69,9 +70,9 @@ def cross_entropy(h_draft, targets, w_vocab, temperature: float = 1.0):
 def forward_kl(h_draft, h_target, w_vocab, temperature: float = 1.0):
     """KL(p || q) per row, p from h_target, q from h_draft: [N,D] each -> [N]."""
     def fn(hd, ht):
-        logq = jax.nn.log_softmax(jnp.einsum("ND,VD->NV", hd, w_vocab, preferred_element_type=jnp.float32)
+        logq = jax.nn.log_softmax(vocab_logits(hd, w_vocab, w_vocab.dtype)
                                   / temperature, axis=-1)
-        logp = jax.nn.log_softmax(jnp.einsum("ND,VD->NV", ht, w_vocab, preferred_element_type=jnp.float32)
+        logp = jax.nn.log_softmax(vocab_logits(ht, w_vocab, w_vocab.dtype)
                                   / temperature, axis=-1)
         return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
     return _row_chunks(fn, h_draft, jax.lax.stop_gradient(h_target))

@@ -34,10 +34,10 @@ from bebop_jax import sampling, sharding
 from bebop_jax.batching import cache_length_for, check_lengths, pad_prompts
 from bebop_jax.model.mtp import MTPConfig, MTPHeads, init_mtp_cache, vocab_matrix
 from bebop_jax.model.transformer import Transformer, TransformerConfig, init_cache, vocab_logits
+from kernels_pallas.rejection_sampling import MODES as RULES  # the verification rules, one source of truth
 from kernels_pallas.rejection_sampling import rejection_sample
 
-MODES = ("none", "rejection", "greedy_draft", "block")
-RULES = MODES[1:]  # the verification rules; `decode` takes the index of one as a traced value
+MODES = ("none",) + RULES  # "none": plain decoding; `decode` takes the index of a rule as a traced value
 
 
 @flax.struct.dataclass

@@ -27,7 +27,7 @@ import numpy as np
 from bebop_jax import data as data_lib
 from bebop_jax.distributed import barrier, processes_seeing
 from bebop_jax.model import LoadedModel
-from bebop_jax.model.transformer import Transformer, TransformerConfig
+from bebop_jax.model.transformer import Transformer, TransformerConfig, vocab_logits
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -138,7 +138,7 @@ def hidden_cache(model: LoadedModel, rows: data_lib.Rows, cache_dir: str, batch_
 @functools.partial(jax.jit, static_argnames=("temperature",))
 def full_logz(hidden, w_vocab, *, temperature: float):
     """log sum_v exp(W_v h / tau) [B,T] f32 of hidden states [B,T,D] (any float dtype), W [V,D]."""
-    logits = jnp.einsum("BTD,VD->BTV", hidden.astype(jnp.float32), w_vocab, preferred_element_type=jnp.float32)
+    logits = vocab_logits(hidden.astype(jnp.float32), w_vocab, w_vocab.dtype)  # [B,T,V]
     return jax.nn.logsumexp(logits / temperature, axis=-1)
 
 
