@@ -3,10 +3,12 @@
 1. self-distillation: the policy's own answers to built-in math problems (token shards);
 2. MTP heads (K=3, drafting from a frequent sub-vocabulary) trained on the frozen trunk as the paper
    does: a CE warm start, then e2e-TV; the baseline continues with CE instead, same budget;
-3. `eval-acceptance` of both on held-out samples: alpha_k, expected accepted length, entropy slope;
-4. verification rules (rejection / greedy-draft / block) across temperatures, by the engine;
-5. plain vs speculative decoding speed, measured side by side;
-6. a few async RL steps with speculative rollouts per MTP strategy (frozen / online-ce / online-tv);
+3. `eval-acceptance` of both on held-out samples (alpha_k, expected accepted length, entropy slope), and
+   of the heads shipped in the package (`SHIPPED`: trained the same way at scale, see their model card);
+4. verification rules (rejection / greedy-draft / block) across temperatures, with the shipped heads;
+5. plain vs speculative decoding speed with the shipped heads, measured side by side;
+6. a few async RL steps with speculative rollouts per MTP strategy (frozen / online-ce / online-tv),
+   starting from the shipped heads;
 7. `bebop analyze`: the report (Markdown + figures), and a summary table printed here.
 Every number is computed in the run; budgets come from configs/demo.yaml.
 """
@@ -26,6 +28,7 @@ from bebop_jax.math_prompts import make_problem
 from bebop_jax.model import LoadedModel, load_model
 from bebop_jax.speculative import speculative_generate
 
+SHIPPED = "smollm2-135m-instruct-e2e-tv"  # `checkpoint.SHIPPED_HEADS`: the heads the demo decodes with
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
 
@@ -125,22 +128,25 @@ def run_demo(cfg: Config, out_dir: str = "runs/demo") -> str:
         stage(f"eval-acceptance of the {loss} heads")
         eval_acceptance.run(c, run, model=model)
         heads[loss] = run
-    stage("verification rules across temperatures")
-    verify_modes(model, heads["e2e_tv"], os.path.join(out_dir, "modes.json"), num_draft=cfg.speculative.num_draft,
+    stage(f"eval-acceptance of the shipped heads ({SHIPPED})")
+    eval_acceptance.run(cfg, SHIPPED, os.path.join(out_dir, "mtp", "shipped", "acceptance.json"), model=model)
+    heads["shipped"] = SHIPPED
+    stage("verification rules across temperatures (shipped heads)")
+    verify_modes(model, SHIPPED, os.path.join(out_dir, "modes.json"), num_draft=cfg.speculative.num_draft,
                  batch=cfg.rl.prompts_per_step * cfg.rl.group_size, max_new_tokens=cfg.rl.max_new_tokens)
-    stage("plain vs speculative decoding speed")
-    speed = rollout_speed(model, heads["e2e_tv"], os.path.join(out_dir, "speed.json"),
+    stage("plain vs speculative decoding speed (shipped heads)")
+    speed = rollout_speed(model, SHIPPED, os.path.join(out_dir, "speed.json"),
                           num_draft=cfg.speculative.num_draft, max_new_tokens=cfg.rl.max_new_tokens)
     rl = {}
     for strategy in ("frozen", "online-ce", "online-tv"):
-        stage(f"async RL with speculative rollouts, MTP heads {strategy}")
+        stage(f"async RL with speculative rollouts, shipped MTP heads {strategy}")
         c = dataclasses.replace(
-            cfg, speculative=dataclasses.replace(cfg.speculative, mtp_checkpoint=heads["e2e_tv"]),
+            cfg, speculative=dataclasses.replace(cfg.speculative, mtp_checkpoint=SHIPPED),
             rl=dataclasses.replace(cfg.rl, mtp_strategy=strategy, run_dir=os.path.join(out_dir, "rl", strategy)))
         rl[strategy] = train_rl(c, model=model, progress=True)
     stage("report")
     report = analyze(out_dir)
-    accept = {loss: json.load(open(os.path.join(run, "acceptance.json"))) for loss, run in heads.items()}
+    accept = {loss: json.load(open(os.path.join(out_dir, "mtp", loss, "acceptance.json"))) for loss in heads}
     print("\n" + "=" * 78)
     print("bebop-jax demo: SmolLM2-135M-Instruct, K=3 MTP heads, this machine's CPU")
     print("-" * 78)

@@ -452,6 +452,7 @@ class StepPlan:
     flops: float = 0.0  # per device, the compiler's cost analysis (a while loop's body counted once)
     bytes_accessed: float = 0.0  # per device, moved in HBM (`hbm_traffic`)
     pallas: bool = False  # a Pallas kernel is in the compiled program
+    floor: int = 0  # decode: the bytes a step cannot avoid reading (`read_floor`)
 
     @property
     def total(self) -> int:
@@ -481,11 +482,23 @@ def plan_step(cfg: Config, name: str, mesh: Mesh, rules: sharding.Rules, shapes:
         at_full = sizes[0]
     step = STEPS[name](cfg, model, shapes)
     counted = {c: per_device_bytes(step.counted.get(c, ()), mesh, rules) for c in CATEGORIES}
+    floor = read_floor(step, model, shapes.num_draft, mesh, rules) if name == "decode" else 0
     io = at_full["arguments"] + at_full["outputs"] - at_full["aliased"] - sum(counted.values())
     return StepPlan(name, shapes.describe(name), counted["params"], counted["optimizer"], counted["kv_cache"],
                     int(round(io)), int(round(at_full["temporaries"])), slope, depths,
                     sum(s["seconds"] for s in sizes), at_full["flops"], at_full["bytes_accessed"],
-                    all(s["pallas"] for s in sizes))
+                    all(s["pallas"] for s in sizes), floor)
+
+
+def read_floor(step: Step, model: TransformerConfig, num_draft: int, mesh, rules) -> int:
+    """Per device, the bytes a decode step at `num_draft` drafts cannot avoid reading: the trunk's weights
+    (an untied input embedding only by the rows it looks up), the heads' when it drafts, and the KV caches
+    it attends (the heads' cache only when it drafts)."""
+    (trunk, heads), (trunk_cache, heads_cache) = step.counted["params"], step.counted["kv_cache"]
+    if not model.tie_word_embeddings:
+        trunk = {k: v for k, v in trunk.items() if k != "embedding"}
+    used = (trunk, trunk_cache) + ((heads, heads_cache) if num_draft else ())
+    return per_device_bytes(used, mesh, rules)
 
 
 # ---------------------------------------------------------------------------------------------

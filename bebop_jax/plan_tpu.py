@@ -48,7 +48,7 @@ class SpecRow:
     num_draft: int
     seconds: float
     bytes_accessed: float
-    weights_and_cache: int  # per device: parameters (heads included) + KV cache
+    floor: int  # per device: the weights and KV cache the step must read (`plan.read_floor`)
 
     def speedups(self, plain: "SpecRow") -> list[float]:
         return [expected_tokens(a, self.num_draft) / (self.seconds / plain.seconds) for a in ACCEPTANCES]
@@ -78,7 +78,7 @@ def spec_table(cfg: Config, mesh, rules, chip: tpu.ChipInfo, plans: dict, lower_
             print(f"plan: compiling decode at K={k} ...", file=sys.stderr, flush=True)
             p = plan.plan_step(cfg, "decode", mesh, rules, dataclasses.replace(base, num_draft=k), lower_on)
         rows.append(SpecRow(k, roofline_seconds(p.flops, p.bytes_accessed, chip), p.bytes_accessed,
-                            p.params + p.kv_cache))
+                            p.floor))
     return rows
 
 
@@ -115,13 +115,16 @@ def format_report(cfg: Config, acc: tpu.Accelerator, chip: tpu.ChipInfo, plans: 
                       f"{plan.Shapes.from_config(cfg).describe('decode').split(', K=')[0]}): "
                       "predicted speed-up over plain decoding at per-draft acceptance "
                       + " / ".join(map(str, ACCEPTANCES))]
-        table = [("K", "step ms", "x plain step", "GB moved", "/ (weights + KV)")
+        table = [("K", "step ms", "x plain step", "GB moved", "/ floor")
                  + tuple(f"speed-up @{a}" for a in ACCEPTANCES)]
         for row in spec:
             table.append((str(row.num_draft), f"{1e3 * row.seconds:.3f}", f"{row.seconds / plain.seconds:.2f}",
-                          f"{row.bytes_accessed / 1e9:.2f}", f"{row.bytes_accessed / row.weights_and_cache:.2f}")
+                          f"{row.bytes_accessed / 1e9:.2f}", f"{row.bytes_accessed / row.floor:.2f}")
                          + tuple(f"x{s:.2f}" for s in row.speedups(plain)))
         lines += plan.columns(table, left=())
+        lines.append("GB moved: HBM traffic by the compiled program's memory spaces (`plan.hbm_traffic`); floor: the "
+                     "weights and KV cache the step must read (the heads' only when it drafts; an untied input "
+                     "embedding by the rows it looks up)")
     return "\n".join(lines)
 
 

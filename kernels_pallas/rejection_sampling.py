@@ -22,7 +22,9 @@ Sampling never normalises: a token from norm(r) is argmax(r / E) with E ~ Exp(1)
 exponential race). Where r is all zero (p == q numerically), the token comes from p instead. All
 randomness is drawn in the wrapper from `key`, identically for both implementations, so the jnp
 reference and the Pallas kernel return identical tokens: u[B,K] ~ U[tiny, 1) (never 0, so an accept
-test `u <= 0` fails and temperature 0 is exact greedy) and E = -log U[tiny, 1) in (0, 87.4].
+test `u <= 0` fails and temperature 0 is exact greedy) and E = -log U[tiny, 1) in (0, 87.4]. rejection
+and greedy_draft decide from u and the drafts' probabilities alone, so only the one position where a
+sequence stops races (E[B,1,V]); block's rule needs the residual mass of every position, so all K+1 race.
 
 The O(B*K) decisions are shared jnp code; the vocabulary-wide work (residual masses and races, one
 pass over V) is `_residual_race_reference` (jnp) or `_residual_race_pallas` (kernel: grid over batch
@@ -77,14 +79,16 @@ def row_uniform(key, shape, minval=0.0):
     return jax.vmap(lambda k: jax.random.uniform(k, shape[1:], jnp.float32, minval=minval))(key)
 
 
-def _draw_noise(key, batch, num_drafts, vocab):
-    """Uniforms u[B,K] in [tiny, 1) for the accept tests, exponentials E[B,R,V] in (0, 87.4] for the races.
+def _accept_noise(key, batch, num_drafts):
+    """Uniforms u[B,K] in [tiny, 1) for the accept tests and the key of the races' exponentials.
     key: [] or one per row [B]."""
     key_u, key_e = jax.random.split(key) if key.ndim == 0 else jax.vmap(jax.random.split)(key).T
-    tiny = jnp.finfo(jnp.float32).tiny
-    u = row_uniform(key_u, (batch, num_drafts), tiny)  # [B,K]
-    uniform_e = row_uniform(key_e, (batch, num_drafts + 1, vocab), tiny)
-    return u, -jnp.log(uniform_e)  # [B,K], [B,R,V]
+    return row_uniform(key_u, (batch, num_drafts), jnp.finfo(jnp.float32).tiny), key_e
+
+
+def _exponentials(key_e, batch, rows, vocab):
+    """E[B,rows,V] ~ Exp(1) in (0, 87.4] for `rows` races per sequence."""
+    return -jnp.log(row_uniform(key_e, (batch, rows, vocab), jnp.finfo(jnp.float32).tiny))
 
 
 def _prefix_weights(mode, p_draft, q_draft):
@@ -103,26 +107,30 @@ def _prefix_weights(mode, p_draft, q_draft):
     return jnp.concatenate([w0[:, None], ws.T], axis=1)  # [B,R]
 
 
-def _draft_rows(mode, draft_tokens, draft_probs):
-    """q[B,R,V] the race subtracts at each position: q_1..q_K (one-hot at d_k in greedy_draft), then 0."""
-    batch, _, vocab = draft_probs.shape
-    if mode == "greedy_draft":
-        return jax.nn.one_hot(_draft_column(draft_tokens)[..., 0], vocab, dtype=jnp.float32)
-    return jnp.concatenate([draft_probs, jnp.zeros((batch, 1, vocab), jnp.float32)], axis=1)
+def _draft_rows(draft_tokens, draft_probs, at=None):
+    """(d[B,R'], q[B,R',V]): the draft and the row the race subtracts at each racing position, -1 and 0 at
+    the bonus position. All R = K+1 positions, or at[B] one position per sequence (R' = 1)."""
+    batch, num_drafts, vocab = draft_probs.shape
+    if at is None:
+        return (jnp.pad(draft_tokens, ((0, 0), (0, 1)), constant_values=-1),
+                jnp.concatenate([draft_probs, jnp.zeros((batch, 1, vocab), draft_probs.dtype)], axis=1))
+    k = jnp.minimum(at, num_drafts - 1)[:, None]  # [B,1]
+    bonus = (at == num_drafts)[:, None]  # [B,1]
+    d = jnp.where(bonus, -1, jnp.take_along_axis(draft_tokens, k, axis=1))  # [B,1]
+    q = jnp.where(bonus[..., None], 0.0, jnp.take_along_axis(draft_probs, k[..., None], axis=1))  # [B,1,V]
+    return d, q
 
 
-def _draft_column(draft_tokens):
-    """d[B,R,1]: the drafts, then -1 (no draft) at the bonus position."""
-    return jnp.pad(draft_tokens, ((0, 0), (0, 1)), constant_values=-1)[..., None]
+def _residual_race_reference(mode, draft_col, scale, q_rows, target_probs, expo):
+    """Vocabulary pass, jnp, over R' racing positions. res[B,R',V] = max(scale * p - q, 0), with q the
+    rows `q_rows` (one-hot at the draft `draft_col`[B,R'] in greedy_draft, where q_rows is None).
 
-
-def _residual_race_reference(mode, draft_tokens, scale, draft_probs, target_probs, expo):
-    """Vocabulary pass, jnp. res[B,R,V] = max(scale * p - q, 0) with q from `_draft_rows`.
-
-    Returns z[B,R] = sum_v res and token[B,R] = argmax(res / E), or argmax(p / E) where z == 0.
+    Returns z[B,R'] = sum_v res and token[B,R'] = argmax(res / E), or argmax(p / E) where z == 0.
     """
-    res = jnp.maximum(scale[..., None] * target_probs - _draft_rows(mode, draft_tokens, draft_probs), 0.0)
-    z = jnp.sum(res, axis=-1)  # [B,R]
+    if mode == "greedy_draft":
+        q_rows = jax.nn.one_hot(draft_col, target_probs.shape[-1], dtype=jnp.float32)  # -1 -> all zero
+    res = jnp.maximum(scale[..., None] * target_probs - q_rows, 0.0)
+    z = jnp.sum(res, axis=-1)  # [B,R']
     token = jnp.where(z > 0, jnp.argmax(res / expo, axis=-1), jnp.argmax(target_probs / expo, axis=-1))
     return z, token.astype(jnp.int32)
 
@@ -161,16 +169,16 @@ def _race_kernel(draft_ref, scale_ref, p_ref, e_ref, *refs, greedy, block_v):
     _race_step(p / expo, cols, j * block_v, best_p_ref, token_p_ref)
 
 
-def _race_pallas_local(mode, draft_tokens, scale, draft_probs, target_probs, expo, *, block_sizes, interpret):
-    """The kernel on (a shard of) the rows and vocabulary: z[B,R] and each race's (best score, token)[B,R]."""
+def _race_pallas_local(mode, draft_col, scale, q_rows, target_probs, expo, *, block_sizes, interpret):
+    """The kernel on (a shard of) the rows and vocabulary: z[B,R'] and each race's (best score, token)[B,R']."""
     batch, rows, vocab = target_probs.shape
     block_v = min(block_sizes.block_v, pl.cdiv(vocab, _LANES) * _LANES)
     pad = pl.cdiv(vocab, block_v) * block_v - vocab
     pad_v = ((0, 0), (0, 0), (0, pad))
     greedy = mode == "greedy_draft"
-    vocab_inputs = [jnp.pad(target_probs, pad_v), jnp.pad(expo, pad_v, constant_values=1.0)]  # [B,R,Vp]
+    vocab_inputs = [jnp.pad(target_probs, pad_v), jnp.pad(expo, pad_v, constant_values=1.0)]  # [B,R',Vp]
     if not greedy:
-        vocab_inputs.append(jnp.pad(_draft_rows(mode, draft_tokens, draft_probs), pad_v))
+        vocab_inputs.append(jnp.pad(q_rows, pad_v))
     row_spec = pl.BlockSpec((1, rows, 1), lambda b, j: (b, 0, 0))
     vocab_spec = pl.BlockSpec((1, rows, block_v), lambda b, j: (b, 0, j))
     row_f32 = jax.ShapeDtypeStruct((batch, rows, 1), jnp.float32)
@@ -186,8 +194,8 @@ def _race_pallas_local(mode, draft_tokens, scale, draft_probs, target_probs, exp
         cost_estimate=pl.CostEstimate(flops=12 * elements, transcendentals=0,
                                       bytes_accessed=4 * elements * len(vocab_inputs)),
         interpret=interpret,
-    )(_draft_column(draft_tokens), scale[..., None], *vocab_inputs)  # outputs [B,R,1]
-    return tuple(x[..., 0] for x in outs)  # z, best_res, token_res, best_p, token_p: [B,R] each
+    )(draft_col[..., None], scale[..., None], *vocab_inputs)  # outputs [B,R',1]
+    return tuple(x[..., 0] for x in outs)  # z, best_res, token_res, best_p, token_p: [B,R'] each
 
 
 def _best_over_shards(best, token, axis, shard_vocab):
@@ -198,21 +206,23 @@ def _best_over_shards(best, token, axis, shard_vocab):
     return jnp.take_along_axis(tokens, winner, axis=0)[0]
 
 
-def _residual_race_pallas(mode, draft_tokens, scale, draft_probs, target_probs, expo, *, block_sizes, interpret,
+def _residual_race_pallas(mode, draft_col, scale, q_rows, target_probs, expo, *, block_sizes, interpret,
                           partition=None):
     """Same contract as `_residual_race_reference`, as a Pallas kernel over (batch row, vocab block), per
     shard of `partition` when given (module docstring)."""
     local = functools.partial(_race_pallas_local, mode, block_sizes=block_sizes, interpret=interpret)
+    greedy = mode == "greedy_draft"
     if partition is None:
-        z, _, token_res, _, token_p = local(draft_tokens, scale, draft_probs, target_probs, expo)
+        z, _, token_res, _, token_p = local(draft_col, scale, q_rows, target_probs, expo)
         return z, jnp.where(z > 0, token_res, token_p)
-    batch, vocab_axis = draft_tokens.shape[0], partition.vocab_axis
+    batch, vocab_axis = draft_col.shape[0], partition.vocab_axis
     shard_vocab = target_probs.shape[-1] // partition.vocab_shards
 
-    def sharded(draft_tokens, scale, draft_probs, target_probs, expo):
-        if vocab_axis is not None and mode == "greedy_draft":  # the kernel compares drafts with local ids
-            draft_tokens = draft_tokens - jax.lax.axis_index(vocab_axis) * shard_vocab
-        z, best_res, token_res, best_p, token_p = local(draft_tokens, scale, draft_probs, target_probs, expo)
+    def sharded(draft_col, scale, target_probs, expo, *q_rows):
+        if vocab_axis is not None and greedy:  # the kernel compares drafts with local ids
+            draft_col = draft_col - jax.lax.axis_index(vocab_axis) * shard_vocab
+        z, best_res, token_res, best_p, token_p = local(draft_col, scale, q_rows[0] if q_rows else None,
+                                                        target_probs, expo)
         if vocab_axis is not None:
             z = jax.lax.psum(z, vocab_axis)
             token_res = _best_over_shards(best_res, token_res, vocab_axis, shard_vocab)
@@ -221,45 +231,60 @@ def _residual_race_pallas(mode, draft_tokens, scale, draft_probs, target_probs, 
 
     pad = lambda x: jnp.pad(x, ((0, -batch % partition.row_shards),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
     rows, vocab = partition.rows(2), P(partition.row_axes or None, None, vocab_axis)
-    z, token = partition.shard_map(sharded, (rows, rows, vocab, vocab, vocab), (rows, rows))(
-        pad(draft_tokens), pad(scale), pad(draft_probs), pad(target_probs), pad(expo))
+    inputs = [draft_col, scale, target_probs, expo] + ([] if greedy else [q_rows])
+    z, token = partition.shard_map(sharded, (rows, rows) + (vocab,) * (len(inputs) - 2), (rows, rows))(
+        *map(pad, inputs))
     return z[:batch], token[:batch]
 
 
-def _decide(mode, draft_tokens, p_draft, q_draft, w, z, race_token, u):
-    """The O(B*K) accept logic. Returns tokens[B,R] (-1 after the emitted ones) and num_emitted[B]."""
-    num_drafts = draft_tokens.shape[1]
+def _num_accepted(mode, p_draft, q_draft, w, z, u):
+    """How many drafts each sequence accepts, [B] in 0..K (block: from every position's residual mass z)."""
+    num_drafts = p_draft.shape[1]
     if mode == "block":
         z_mid, w_mid = z[:, 1:num_drafts], w[:, 1:num_drafts]  # [B,K-1]
         denom = z_mid + 1.0 - w_mid  # 0 only where z = 0 and w = 1: then h = 1 (the limit Z / Z)
         h_mid = jnp.where(denom > 0, z_mid / jnp.where(denom > 0, denom, 1.0), 1.0)
         h = jnp.concatenate([h_mid, w[:, num_drafts:]], axis=1)  # [B,K]
-        num_accepted = jnp.max(jnp.where(u <= h, jnp.arange(1, num_drafts + 1), 0), axis=1)  # [B]
-    else:
-        accept = u * q_draft <= p_draft if mode == "rejection" else u <= p_draft  # [B,K]
-        num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)  # [B]
-    n = num_accepted[:, None]  # [B,1]
-    correction = jnp.take_along_axis(race_token, n, axis=1)  # [B,1]
-    pos = jnp.arange(num_drafts + 1)[None, :]  # [1,R]
-    drafts = jnp.pad(draft_tokens, ((0, 0), (0, 1)))  # [B,R]
-    tokens = jnp.where(pos < n, drafts, jnp.where(pos == n, correction, -1))
-    return tokens.astype(jnp.int32), (num_accepted + 1).astype(jnp.int32)
+        return jnp.max(jnp.where(u <= h, jnp.arange(1, num_drafts + 1), 0), axis=1)
+    accept = u * q_draft <= p_draft if mode == "rejection" else u <= p_draft  # [B,K]
+    return jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
 
 
 def _sample(draft_tokens, draft_probs, target_probs, key, mode, race):
-    """Noise, prefix weights, the vocabulary pass `race`, decisions: the path both implementations share."""
+    """Noise, prefix weights, decisions and the vocabulary pass `race`: the path both implementations share.
+
+    rejection and greedy_draft decide from the drafts' own probabilities, so only the position where a
+    sequence stops (its first rejected draft, or the bonus) races: one row of noise and one residual per
+    sequence. block's rule needs every position's residual mass, so every position races there.
+    Returns tokens[B,R] (-1 after the emitted ones) and num_emitted[B].
+    """
     draft_tokens = jnp.asarray(draft_tokens, jnp.int32)
     draft_probs = jnp.asarray(draft_probs, jnp.float32)
     target_probs = jnp.asarray(target_probs, jnp.float32)
     batch, num_drafts = draft_tokens.shape
-    u, expo = _draw_noise(key, batch, num_drafts, target_probs.shape[-1])
+    vocab = target_probs.shape[-1]
+    u, key_e = _accept_noise(key, batch, num_drafts)
     index = draft_tokens[..., None]  # [B,K,1]
     p_draft = jnp.take_along_axis(target_probs[:, :num_drafts], index, axis=-1)[..., 0]  # [B,K]
     q_draft = jnp.take_along_axis(draft_probs, index, axis=-1)[..., 0]  # [B,K]
     w = _prefix_weights(mode, p_draft, q_draft)  # [B,R]
     scale = w.at[:, num_drafts].set(1.0)  # the bonus position races plain p_{K+1}
-    z, race_token = race(mode, draft_tokens, scale, draft_probs, target_probs, expo)
-    return _decide(mode, draft_tokens, p_draft, q_draft, w, z, race_token, u)
+    if mode == "block":
+        draft_col, q_rows = _draft_rows(draft_tokens, draft_probs)
+        expo = _exponentials(key_e, batch, num_drafts + 1, vocab)
+        z, race_token = race(mode, draft_col, scale, q_rows, target_probs, expo)  # [B,R] each
+        n = _num_accepted(mode, p_draft, q_draft, w, z, u)
+        correction = jnp.take_along_axis(race_token, n[:, None], axis=1)  # [B,1]
+    else:
+        n = _num_accepted(mode, p_draft, q_draft, w, None, u)
+        draft_col, q_rows = _draft_rows(draft_tokens, draft_probs, at=n)  # [B,1], [B,1,V]
+        p_at = jnp.take_along_axis(target_probs, n[:, None, None], axis=1)  # [B,1,V]
+        _, correction = race(mode, draft_col, jnp.ones((batch, 1), jnp.float32), None if mode == "greedy_draft"
+                             else q_rows, p_at, _exponentials(key_e, batch, 1, vocab))  # [B,1]
+    pos = jnp.arange(num_drafts + 1)[None, :]  # [1,R]
+    drafts = jnp.pad(draft_tokens, ((0, 0), (0, 1)))  # [B,R]
+    tokens = jnp.where(pos < n[:, None], drafts, jnp.where(pos == n[:, None], correction, -1))
+    return tokens.astype(jnp.int32), (n + 1).astype(jnp.int32)
 
 
 def rejection_sample_reference(draft_tokens, draft_probs, target_probs, key, *, mode="rejection"):
