@@ -38,10 +38,16 @@ def main(process_id: str, num_processes: str, port: str, tiny_dir: str, run_dir:
     from bebop_jax import sharding
     from bebop_jax.model import load_model
 
+    from bebop_jax.model import weights
+
     mesh = sharding.make_mesh(cfg.mesh)
+    opened, read_dir = [], weights.read_safetensors_dir
+    weights.read_safetensors_dir = lambda path: opened.append(read_dir(path)) or opened[-1]
     model = load_model(tiny_dir, shardings=lambda c: sharding.param_shardings(
         c, mesh, sharding.make_rules(mesh, cfg.mesh.rules, sharding.trunk_dims(c))))
-    loading = {"sharded": [], "whole_on_one_device": 0}
+    weights.read_safetensors_dir = read_dir
+    loading = {"sharded": [], "whole_on_one_device": 0, "bytes_read": opened[0].bytes_read,
+               "bytes": sum(4 * x.size for x in jax.tree.leaves(model.params))}
     for x in jax.tree.leaves(model.params):
         shard = x.sharding.shard_shape(x.shape)
         held = {tuple(s.data.shape) for s in x.addressable_shards}

@@ -67,6 +67,8 @@ def test_sync_steps_on_several_processes_equal_one_process(tiny_dir, tmp_path, n
     assert all(g["devices"] == 4 for g in got)
     for g in got:  # the trunk loaded tensor by tensor straight into its shards: no whole copy on any device
         assert g["loading"]["whole_on_one_device"] == 0 and sum(g["loading"]["sharded"]) >= 10
+        if num_processes == 2:  # each process read the blocks of its own 2 devices only, not the checkpoint
+            assert g["loading"]["bytes_read"] < 0.7 * g["loading"]["bytes"], g["loading"]
     np.testing.assert_allclose(got[0]["losses"], ref["losses"], atol=1e-5)
     assert got[0]["rewards"] == ref["rewards"]  # the same rollouts, scored the same
     assert not (tmp_path / "many/process1.json").read_text() == ""  # every process finished

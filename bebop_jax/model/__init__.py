@@ -59,22 +59,29 @@ def load_model(source: str, dtype: str = "float32", shardings=None) -> LoadedMod
 
     Tensors are read one at a time. shardings(cfg) -> a pytree of NamedShardings shaped like the
     parameters (optional, e.g. `sharding.param_shardings` on a mesh that may span processes): each
-    parameter then goes straight to its shards (each process fills its own devices' shards), so no
-    device holds more than its shards and the host one tensor; by default every parameter is on the
-    default device.
+    device's shard of a parameter is then read from the checkpoint on its own (safetensors: only those
+    bytes; GGUF: its tensor dequantised, then sliced), so each process reads only the slices its devices
+    hold, no device holds more than its shards and the host one shard; by default every parameter is
+    on the default device.
     """
     path = resolve_source(source)
 
     def place(cfg):
-        from bebop_jax.sharding import put_global
-
         tree = shardings(cfg)
 
-        def one(path_in_tree, value):
+        def one(path_in_tree, shape, read_block):
             node = tree
             for part in path_in_tree:
                 node = node[part]
-            return put_global(value, node)
+            blocks = {}  # a block that several local devices hold (replicas) is read once
+
+            def block(index):  # each device's block, read on its own process: a process reads its devices' slices
+                key = tuple(sl.indices(dim)[:2] for sl, dim in zip(index, shape))
+                if key not in blocks:
+                    blocks[key] = read_block(tuple(slice(*k) for k in key))
+                return blocks[key]
+
+            return jax.make_array_from_callback(shape, node, block)
 
         return one
 

@@ -147,7 +147,7 @@ def _layer_tensor_map(cfg: TransformerConfig, mtp: MTPConfig, style: str):
     """Yields (hf_name, path in mtp params, hf_shape, to_ours, to_hf) for the MTP tensors."""
     D = cfg.hidden_size
     block_cfg = dataclasses.replace(cfg, num_layers=1, tie_word_embeddings=True)
-    same = lambda a: a  # noqa: E731
+    same = weights_lib.Layout()
     for i in range(mtp.num_layers):
         ours = (f"layers_{i}",)
         if style == "deepseek":
@@ -161,7 +161,7 @@ def _layer_tensor_map(cfg: TransformerConfig, mtp: MTPConfig, style: str):
             names = {"fc": f"{base}.fc.weight", "e": f"{base}.pre_fc_norm_embedding.weight",
                      "h": f"{base}.pre_fc_norm_hidden.weight", "norm": f"{base}.norm.weight"}
             block_prefix = f"mtp.layers.{i}"
-        yield names["fc"], ours + ("fc",), (D, 2 * D), lambda a: a.T, lambda a: a.T
+        yield names["fc"], ours + ("fc",), (D, 2 * D), weights_lib.Layout(transpose=True), lambda a: a.T
         yield names["e"], ours + ("pre_fc_norm_embedding", "scale"), (D,), same, same
         yield names["h"], ours + ("pre_fc_norm_hidden", "scale"), (D,), same, same
         yield names["norm"], ours + ("norm", "scale"), (D,), same, same

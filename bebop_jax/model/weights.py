@@ -11,6 +11,7 @@ permutation of the Q/K rows (for its interleaved RoPE) is undone, so the HF rota
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -28,17 +29,54 @@ class WeightsError(ValueError):
 # Name and layout table
 
 
-def hf_tensor_map(cfg: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...], Callable, Callable]]:
+class Layout:
+    """The map from an HF tensor to ours: a transpose (2-D tensors) and/or one axis of the result split
+    into (heads, head_dim). Called on a whole array it converts it; `read` reads one block of ours
+    through a reader of HF blocks, so a device's shard costs only the HF rows and columns it holds."""
+
+    def __init__(self, transpose: bool = False, split_axis: int | None = None, head_dim: int = 1):
+        self.transpose, self.split_axis, self.head_dim = transpose, split_axis, head_dim
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        a = a.T if self.transpose else a
+        if self.split_axis is None:
+            return a
+        ax = self.split_axis
+        return a.reshape(a.shape[:ax] + (a.shape[ax] // self.head_dim, self.head_dim) + a.shape[ax + 1:])
+
+    def shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Our shape of an HF tensor of `hf_shape`."""
+        shape = hf_shape[::-1] if self.transpose else tuple(hf_shape)
+        if self.split_axis is None:
+            return shape
+        ax = self.split_axis
+        return shape[:ax] + (shape[ax] // self.head_dim, self.head_dim) + shape[ax + 1:]
+
+    def read(self, read_hf: Callable[[tuple[slice, ...]], np.ndarray], index: tuple[slice, ...]) -> np.ndarray:
+        """Block `index` (contiguous slices over our axes, starts and stops given) of ours, as float32."""
+        index, sub = list(index), None
+        if self.split_axis is not None:  # (heads, head_dim) -> the rows heads * head_dim of one HF axis
+            ax, h = self.split_axis, self.head_dim
+            heads, sub = index[ax], index[ax + 1]
+            index[ax:ax + 2] = [slice(heads.start * h, heads.stop * h)]
+        a = read_hf(tuple(index[::-1] if self.transpose else index))
+        a = self(np.asarray(a, np.float32))
+        if sub is not None:
+            a = a[(slice(None),) * (self.split_axis + 1) + (sub,)]
+        return a
+
+
+def hf_tensor_map(cfg: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...], tuple[int, ...], Layout, Callable]]:
     """Yields (hf_name, param_path, hf_shape, to_ours, to_hf) for every tensor of the architecture."""
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    same = lambda a: a  # noqa: E731
+    same = Layout()
 
     def linear_in(heads):  # HF [heads*H, D] <-> ours [D, heads, H]
-        return (lambda a: a.T.reshape(D, heads, H), lambda a: a.reshape(D, heads * H).T)
+        return Layout(transpose=True, split_axis=1, head_dim=H), lambda a: a.reshape(D, heads * H).T
 
     def transpose():
-        return (lambda a: a.T, lambda a: a.T)
+        return Layout(transpose=True), lambda a: a.T
 
     yield "model.embed_tokens.weight", ("embedding",), (V, D), same, same
     for i in range(cfg.num_layers):
@@ -48,11 +86,11 @@ def hf_tensor_map(cfg: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...]
         yield f"{hf}.self_attn.k_proj.weight", attn + ("wk",), (K * H, D), *linear_in(K)
         yield f"{hf}.self_attn.v_proj.weight", attn + ("wv",), (K * H, D), *linear_in(K)
         yield (f"{hf}.self_attn.o_proj.weight", attn + ("wo",), (D, N * H),
-               lambda a: a.T.reshape(N, H, D), lambda a: a.reshape(N * H, D).T)
+               Layout(transpose=True, split_axis=0, head_dim=H), lambda a: a.reshape(N * H, D).T)
         if cfg.qkv_bias:
             for name, heads in (("q", N), ("k", K), ("v", K)):
                 yield (f"{hf}.self_attn.{name}_proj.bias", attn + (f"b{name}",), (heads * H,),
-                       lambda a, h=heads: a.reshape(h, H), lambda a, h=heads: a.reshape(h * H))
+                       Layout(split_axis=0, head_dim=H), lambda a, h=heads: a.reshape(h * H))
         if cfg.qk_norm:
             yield f"{hf}.self_attn.q_norm.weight", attn + ("q_norm", "scale"), (H,), same, same
             yield f"{hf}.self_attn.k_norm.weight", attn + ("k_norm", "scale"), (H,), same, same
@@ -68,15 +106,34 @@ def hf_tensor_map(cfg: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...]
 
 class LazyTensors(Mapping):
     """Named tensors read one at a time: shapes known up front (file headers), each tensor read as
-    float32 numpy when indexed, so a loader holds one tensor in host memory, not the checkpoint."""
+    float32 numpy when indexed, so a loader holds one tensor in host memory, not the checkpoint;
+    `read_block` reads a block of one (safetensors: only those bytes), `bytes_read` counts what was read."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray]):
-        self.shapes, self._read = shapes, read
+    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray],
+                 read_block: Callable[[str, tuple[slice, ...]], np.ndarray] | None = None):
+        self.shapes, self._read, self.bytes_read = shapes, read, 0
+        self._read_block, self._last = read_block or self._block_of_whole, (None, None)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.shapes:
             raise KeyError(name)
-        return np.asarray(self._read(name), np.float32)
+        out = np.asarray(self._read(name), np.float32)
+        self.bytes_read += out.size * 4
+        return out
+
+    def read_block(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(self._read_block(name, index), np.float32)
+
+    def _block_of_whole(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Without a block reader (GGUF: quantised blocks), the last tensor read stays on the host for
+        the blocks of the other devices."""
+        if self._last[0] != name:
+            self._last = (None, None)  # one tensor on the host at a time
+            self._last = (name, self[name])
+        return self._last[1][index]
+
+    def __contains__(self, name) -> bool:  # from the headers: Mapping's default would read the tensor
+        return name in self.shapes
 
     def __iter__(self):
         return iter(self.shapes)
@@ -93,8 +150,10 @@ def params_from_hf_tensors(cfg: TransformerConfig, tensors, source: str = "check
     """HF-named tensors (a dict or `LazyTensors`) -> our parameter tree. Raises WeightsError on any
     mismatch, checked from the shapes before any tensor is read.
 
-    place(path, array) -> leaf (optional): where each parameter goes as soon as it is converted (e.g.
-    its shards on a mesh); by default float32 numpy. Tensors are read and converted one at a time.
+    place(path, shape, read_block) -> leaf (optional): builds each parameter (our `shape`) from blocks,
+    read_block(index) -> the float32 block of ours at `index` (a tuple of slices; e.g. a device's shard
+    on a mesh, so each process reads only what its devices hold); by default float32 numpy. Tensors are
+    read and converted one at a time.
     """
     problems, expected = [], {}
     for hf_name, path, shape, to_ours, _ in hf_tensor_map(cfg):
@@ -114,8 +173,15 @@ def params_from_hf_tensors(cfg: TransformerConfig, tensors, source: str = "check
         node = params
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        value = np.ascontiguousarray(to_ours(np.asarray(tensors[hf_name], dtype=np.float32)))
-        node[path[-1]] = value if place is None else place(path, value)
+        if place is None:
+            node[path[-1]] = np.ascontiguousarray(to_ours(np.asarray(tensors[hf_name], dtype=np.float32)))
+            continue
+        shape = to_ours.shape(_shape(tensors, hf_name))
+        if isinstance(tensors, LazyTensors):
+            block = functools.partial(to_ours.read, functools.partial(tensors.read_block, hf_name))
+        else:
+            block = functools.partial(to_ours.read, lambda index, a=tensors[hf_name]: np.asarray(a)[index])
+        node[path[-1]] = place(path, shape, block)
     return params
 
 
@@ -250,7 +316,14 @@ def read_safetensors_dir(path: str) -> LazyTensors:
         with safe_open(where[name], framework="flax") as f:
             return np.asarray(f.get_tensor(name), dtype=np.float32)
 
-    return LazyTensors(shapes, read)
+    def read_block(name: str, index: tuple[slice, ...]) -> np.ndarray:  # reads only the block's bytes
+        with safe_open(where[name], framework="flax") as f:
+            out = np.asarray(f.get_slice(name)[index], dtype=np.float32)
+        tensors.bytes_read += out.size * 4
+        return out
+
+    tensors = LazyTensors(shapes, read, read_block)
+    return tensors
 
 
 def load_hf(path: str, dtype: str = "float32", place=None) -> tuple[TransformerConfig, dict]:
