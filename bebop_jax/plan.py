@@ -349,7 +349,7 @@ def _fusion_reads(fused: list[tuple], operands: list[list[tuple[int, bool]]]) ->
         in_place = root[4][0]
         updates = _shape_bytes(shape_of[root[4][2]])
     for name, index in params.items():
-        size, in_vmem = operands[index][0] if operands[index] else (0, True)
+        size, in_vmem = operands[index][0] if index < len(operands) and operands[index] else (0, True)
         if in_vmem:
             continue
         if name == in_place:
@@ -404,7 +404,7 @@ def hbm_traffic(hlo: str) -> dict[str, int]:
                 dest = defs[name][-2] if op == "slice-start" else defs[name][0]
                 src_in_vmem = all(v for _, v in operands[0])
                 traffic["prefetch"] += (0 if src_in_vmem else dest[0]) + (0 if dest[1] else dest[0])
-            elif op == "fusion":
+            elif op == "fusion" and calls in comps:
                 read, written = _fusion_reads(comps[calls], operands)
                 kind = "other" if written is None else "scatter"
                 traffic[kind] += read + (_in_hbm(defs[name]) if written is None else written)
