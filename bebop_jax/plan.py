@@ -294,8 +294,9 @@ def counted_bytes(cfg: Config, name: str, mesh=None, rules=None) -> dict[str, in
     return {c: per_device_bytes(step.counted.get(c, ()), mesh, rules) for c in CATEGORIES}
 
 
-_SHAPE = re.compile(r"(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([0-9,]*)\]")
 _ITEMSIZE = dict(pred=1, s8=1, u8=1, s16=2, u16=2, bf16=2, f16=2, s32=4, u32=4, f32=4, s64=8, u64=8, f64=8)
+# an array in HLO text, with its layout when it has one: f32[2,8]{1,0:S(1)} (S(1): in VMEM)
+_SHAPE = re.compile(rf"({'|'.join(_ITEMSIZE)})\[([0-9,]*)\](?:\{{[^}}]*\}})?")
 
 
 def _shape_bytes(text: str) -> int:
@@ -303,7 +304,6 @@ def _shape_bytes(text: str) -> int:
     return math.prod(int(d) for d in m.group(2).split(",") if d) * _ITEMSIZE[m.group(1)]
 
 
-_LAYOUT_SHAPE = re.compile(r"(?:pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[[0-9,]*\](?:\{[^}]*\})?")
 _INSTRUCTION = re.compile(r"\s*(ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)")
 _NO_TRAFFIC = ("parameter", "get-tuple-element", "bitcast", "constant", "tuple", "while", "conditional", "call",
                "partition-id", "replica-id", "after-all")
@@ -312,7 +312,7 @@ _SLICING = ("gather", "dynamic-slice", "slice")
 
 def _buffers(shape: str) -> list[tuple[int, bool]]:
     """(bytes, in VMEM) of each array in an instruction's shape (a tuple's elements in order)."""
-    return [(_shape_bytes(t), "S(1)" in t) for t in _LAYOUT_SHAPE.findall(shape)]
+    return [(_shape_bytes(m[0]), "S(1)" in m[0]) for m in _SHAPE.finditer(shape)]
 
 
 def _computations(hlo: str) -> dict[str, list[tuple]]:
@@ -331,6 +331,23 @@ def _computations(hlo: str) -> dict[str, list[tuple]]:
                 extra = int(re.match(r"\d+", args).group(0)) if m[4] == "parameter" else called and called.group(1)
                 instructions.append((m[1], m[2], m[3], m[4], re.findall(r"%([\w.\-]+)", args), extra))
     return comps
+
+
+def _sliced_bytes(name: str, users: dict[str, list[tuple]]) -> int | None:
+    """Bytes the gathers and slices of a fused computation take from `name` (directly or through bitcasts),
+    or None where anything else reads it (then it is read whole)."""
+    taken = 0
+    for user in users.get(name, []):
+        if user[3] == "bitcast":
+            inner = _sliced_bytes(user[1], users)
+            if inner is None:
+                return None
+            taken += inner
+        elif user[3] in _SLICING and user[4][0] == name:
+            taken += _shape_bytes(user[2])
+        else:
+            return None
+    return taken
 
 
 def _fusion_reads(fused: list[tuple], operands: list[list[tuple[int, bool]]]) -> tuple[int, int]:
@@ -355,19 +372,7 @@ def _fusion_reads(fused: list[tuple], operands: list[list[tuple[int, bool]]]) ->
         if name == in_place:
             read += updates
             continue
-        frontier, chain, taken = [name], {name}, 0
-        while frontier:
-            for user in users.get(frontier.pop(), []):
-                if user[3] == "bitcast":
-                    frontier.append(user[1])
-                    chain.add(user[1])
-                elif user[3] in _SLICING and user[4][0] in chain:
-                    taken += _shape_bytes(user[2])
-                else:
-                    taken = None
-                    break
-            if taken is None:
-                break
+        taken = _sliced_bytes(name, users)
         read += size if taken is None else min(size, taken)
     return read, (None if in_place is None else updates)
 

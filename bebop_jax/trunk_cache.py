@@ -10,7 +10,7 @@ rows share the files and a changed model or data never reads stale ones. Rows ru
 filled length cut to it (on the SmolLM2 mix 73% of the full [R, T] work). Files are written to a
 temporary name of the writing process and renamed when complete; the hidden states' computation
 resumes where an interrupted one stopped. With several processes on a shared cache directory each
-computes a share of the hidden states, which process 0 gathers (`load`).
+computes a share of both caches, which process 0 gathers (`load`).
 """
 
 from __future__ import annotations
@@ -143,18 +143,34 @@ def full_logz(hidden, w_vocab, *, temperature: float):
 
 
 def target_logz_cache(hidden: np.ndarray, rows: data_lib.Rows, w_vocab, temperature: float, path: str,
-                      batch_size: int = 8, progress: bool = False) -> np.ndarray:
+                      batch_size: int = 8, progress: bool = False, part: tuple[int, int] = (0, 1)) -> np.ndarray:
     """`full_logz` of every cached row, [R,T] f32 (zero past a row's filled length), read from `path` or
-    computed once (in `length_batches`) and stored there."""
-    if not os.path.isfile(path):
-        from tqdm import tqdm
+    computed once (in `length_batches`) and stored there. `part` = (i, n) as in `hidden_cache`: process i
+    computes every n-th batch and process 0 gathers the parts into the one file."""
+    if os.path.isfile(path):
+        return np.load(path)
+    from tqdm import tqdm
 
-        out = np.zeros(hidden.shape[:2], np.float32)
-        for idx, L in tqdm(length_batches(rows, batch_size), desc="target log-normalisers", disable=not progress):
-            out[idx, :L] = full_logz(np.asarray(hidden[idx, :L]), w_vocab, temperature=temperature)
-        tmp = f"{path}.{jax.process_index()}.tmp.npy"
-        np.save(tmp, out)
+    (i, n), batches = part, length_batches(rows, batch_size)
+    out = np.zeros(hidden.shape[:2], np.float32)
+    for idx, L in tqdm(batches[i::n], desc="target log-normalisers", disable=not progress):
+        out[idx, :L] = full_logz(np.asarray(hidden[idx, :L]), w_vocab, temperature=temperature)
+    tmp = f"{path}.{jax.process_index()}.tmp.npy"
+    np.save(tmp, out)
+    if n > 1:
+        barrier("pretrain-mtp log-normaliser parts", timeout_s=24 * 3600.0)
+        if i == 0:
+            for j in range(1, n):
+                other = f"{path}.{j}.tmp.npy"
+                src = np.load(other)
+                for idx, L in batches[j::n]:
+                    out[idx, :L] = src[idx, :L]
+                os.remove(other)
+            np.save(tmp, out)
+    if i == 0:
         os.replace(tmp, path)
+    if n > 1:
+        barrier("pretrain-mtp log-normalisers", timeout_s=3600.0)
     return np.load(path)
 
 
@@ -162,9 +178,8 @@ def load(model: LoadedModel, rows: data_lib.Rows, w_vocab, pc, progress: bool):
     """(hidden [R,T,D] bf16, target_logz [R,T] f32 or None without a draft sub-vocabulary (w_vocab None)),
     read from `pc.cache_dir` or computed and stored there.
 
-    With several processes on a shared cache_dir, each computes its share of the hidden states and process 0
-    gathers them and computes the log-normalisers while the others wait; where cache_dir is a disk of
-    each process's own, each computes its own caches.
+    With several processes on a shared cache_dir, each computes its share of both caches and process 0
+    gathers the parts; where cache_dir is a disk of each process's own, each computes its own caches.
     """
     fingerprint = rows_fingerprint(model, rows)
     shared = all(processes_seeing(pc.cache_dir, "pretrain.cache_dir"))
@@ -173,8 +188,4 @@ def load(model: LoadedModel, rows: data_lib.Rows, w_vocab, pc, progress: bool):
     if w_vocab is None:
         return hidden, None
     path = os.path.join(pc.cache_dir, f"logz_{fingerprint}_t{pc.temperature:g}.npy")
-    first = jax.process_index() == 0 or not shared
-    logz = target_logz_cache(hidden, rows, w_vocab, pc.temperature, progress=progress, path=path) if first else None
-    if shared and jax.process_count() > 1:
-        barrier("pretrain-mtp log-normalisers", timeout_s=24 * 3600.0)
-    return hidden, logz if first else np.load(path)
+    return hidden, target_logz_cache(hidden, rows, w_vocab, pc.temperature, path, progress=progress, part=part)

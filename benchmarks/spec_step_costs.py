@@ -53,7 +53,7 @@ def step_costs(model, mtp_cfg, mtp_params, draft_ids, batch: int, num_draft: int
                                 max_new_tokens=max_new_tokens, cache_len=cache_len, **static)
     ids = jnp.asarray(draft_ids, jnp.int32)
     forward, logits, embed, mtp_step = speculative._fns(cfg, mtp_cfg)
-    key = jax.random.key(seed + 1)
+    key = jax.random.split(jax.random.key(seed + 1), batch)  # one key per row, as the engine keeps them
     positions = state.position[:, None] + jnp.arange(R, dtype=jnp.int32)
     # every weight is an argument, as in the engine (closed-over weights would be folded as constants)
 

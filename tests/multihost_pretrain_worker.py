@@ -6,7 +6,8 @@ mesh, fsdp across the processes. Every process runs the command line (`cli.main`
 jax.distributed before any JAX work) three times on the tiny trunk in {BASE_DIR}/model with a 24-id
 draft vocabulary, data and caches in BASE_DIR: a cached run interrupted after computing step
 INTERRUPT_AT's loss, the same run resumed from its last checkpoint, and a run without the hidden
-cache. It writes each run's (step, loss) pairs, and how often it ran the trunk for the caches, as JSON.
+cache. It writes each run's (step, loss) pairs, and how often it ran the trunk and the log-normalisers for
+the caches, as JSON.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main(process_id: str, num_processes: str, port: str, base: str) -> None:
     mesh = [f"mesh.coordinator_address=127.0.0.1:{port}", f"mesh.num_processes={num_processes}",
             f"mesh.process_id={process_id}", "mesh.fsdp=2", "mesh.tensor=2"]
     train, check_finite, trunk_hidden = pretrain_mtp.train, pretrain_mtp._check_finite, trunk_cache.trunk_hidden
-    losses, summaries, trunk_calls = [], [], [0]
+    full_logz = trunk_cache.full_logz
+    losses, summaries, trunk_calls, logz_calls = [], [], [0], [0]
 
     def recorded_train(cfg):
         summary = train(cfg, progress=False)
@@ -57,7 +59,12 @@ def main(process_id: str, num_processes: str, port: str, base: str) -> None:
         trunk_calls[0] += 1
         return trunk_hidden(*args, **kwargs)
 
+    def counted_full_logz(*args, **kwargs):
+        logz_calls[0] += 1
+        return full_logz(*args, **kwargs)
+
     pretrain_mtp.train, trunk_cache.trunk_hidden = recorded_train, counted_trunk_hidden
+    trunk_cache.full_logz = counted_full_logz
     pretrain_mtp._check_finite = interrupt
     try:
         cli.main(["pretrain-mtp", *overrides(base, "run"), *mesh])
@@ -65,13 +72,13 @@ def main(process_id: str, num_processes: str, port: str, base: str) -> None:
         pass
     pretrain_mtp._check_finite = check_finite
     cli.main(["pretrain-mtp", *overrides(base, "run"), *mesh])
-    cache_trunk_calls = trunk_calls[0]
+    cache_calls = {"trunk": trunk_calls[0], "logz": logz_calls[0]}
     cli.main(["pretrain-mtp", *overrides(base, "uncached"), "pretrain.cache_hidden=false", *mesh])
     resumed, uncached = summaries
     result = {"interrupted": losses, "resumed_from": resumed["resumed_from"],
               "resumed": [[h["step"], h["loss"]] for h in resumed["history"]],
               "uncached": [[h["step"], h["loss"]] for h in uncached["history"]],
-              "cache_trunk_calls": cache_trunk_calls}
+              "cache_calls": cache_calls}
     with open(os.path.join(base, f"process{process_id}.json"), "w") as f:
         json.dump(result, f)
 

@@ -127,9 +127,10 @@ def write_tiny_run_inputs(base) -> None:
 def test_pretrain_mtp_on_two_processes_matches_one_device(tmp_path):
     write_tiny_run_inputs(tmp_path)
     first, second = run_workers(tmp_path, "tests.multihost_pretrain_worker", optimize=False)
-    assert first["cache_trunk_calls"] == second["cache_trunk_calls"] > 0  # each computed half of the hidden states
-    assert {k: v for k, v in first.items() if k != "cache_trunk_calls"} == \
-           {k: v for k, v in second.items() if k != "cache_trunk_calls"}  # every process saw the same losses
+    for cache in ("trunk", "logz"):  # each process computed half of the hidden states and of the log-normalisers
+        assert first["cache_calls"][cache] == second["cache_calls"][cache] > 0, cache
+    assert {k: v for k, v in first.items() if k != "cache_calls"} == \
+           {k: v for k, v in second.items() if k != "cache_calls"}  # every process saw the same losses
     assert sorted(name.split("_")[0] for name in os.listdir(tmp_path / "cache")) == ["hidden", "logz"]  # no .tmp
 
     ref_keys = [*pretrain_worker.overrides(str(tmp_path), "ref", "ref_cache"), "pretrain.checkpoint_every=4"]
