@@ -127,3 +127,26 @@ def test_vocab_logits_takes_the_reduce_form_for_few_rows_on_cpu():
     for rows, dot in ((1, True), (FEW_ROWS[0], False), (FEW_ROWS[1], False), (FEW_ROWS[1] + 1, True)):
         jaxpr = str(jax.make_jaxpr(vocab_logits)(jnp.zeros((rows, 24)), w))
         assert ("dot_general" in jaxpr) == dot and ("reduce_sum" in jaxpr) != dot, rows
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_decode_step_never_copies_a_weight(rows):
+    """A cached decode step on CPU reads each weight in place: no transpose or copy in the compiled program
+    makes an array as large as a weight matrix (the attention output projection contracted as (N, H) once
+    made XLA:CPU re-lay wo out in every layer of every step). Arrays here: weights >= 4096 elements,
+    activations and the donated cache <= 1024."""
+    import re
+
+    from bebop_jax.model.transformer import TransformerConfig
+
+    cfg = TransformerConfig(family="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
+                            num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+    params = init_params(cfg, jax.random.key(0))
+    cache = init_cache(cfg, 1, 8)
+    tokens = jnp.zeros((1, rows), jnp.int32)
+    positions = jnp.arange(rows, dtype=jnp.int32)[None]
+    step = jax.jit(lambda p, t, pos, c: Transformer(cfg).apply({"params": p}, t, pos, c), donate_argnums=3)
+    hlo = step.lower(params, tokens, positions, cache).compile().as_text()
+    moved = [(op, dims) for dims, op in re.findall(r"= f32\[([0-9,]*)\]\S* (transpose|copy)\(", hlo)
+             if np.prod([int(d) for d in dims.split(",") if d]) >= 4096]
+    assert not moved, moved
