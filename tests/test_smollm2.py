@@ -104,5 +104,5 @@ def test_shipped_heads_load_checked_and_accept_on_the_real_model(smollm2):
     r = speculative_generate(smollm2.params, smollm2.cfg, prompts, jax.random.key(0), mtp_params=heads.params,
                              mtp_cfg=heads.cfg, mode="rejection", num_draft=3, max_new_tokens=48, temperature=1.0,
                              eos_ids=smollm2.tokenizer.eos_token_ids, draft_ids=heads.draft_ids)
-    metrics = r.metrics(3)  # measured: first draft accepted 0.40, 1.66 tokens per verify step
+    metrics = r.metrics(3)  # measured: first draft accepted 0.44, 1.86 tokens per verify step
     assert metrics["draft_acceptance_rate_pos_0"] > 0.3 and metrics["tokens_per_step"] > 1.4
