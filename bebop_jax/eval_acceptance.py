@@ -82,9 +82,9 @@ def evaluate(model: LoadedModel, mtp: MTPConfig, mtp_params: dict, seqs: data_li
     """Acceptance report of the heads on `seqs` (see the module docstring); draft_ids as in `score_batch`."""
     D = model.cfg.hidden_size
     fc = mtp_params["layers_0"]["fc"]
-    if tuple(np.shape(fc)) != (2 * D, D):
+    if tuple(np.shape(fc)) != (D, 2 * D):
         raise ValueError(f"MTP heads have fc of shape {tuple(np.shape(fc))}; the trunk (hidden size {D}) "
-                         f"needs {(2 * D, D)}: the heads belong to another model")
+                         f"needs {(D, 2 * D)}: the heads belong to another model")
     seq_len = int(-(-max(len(t) for t in seqs.tokens) // 64) * 64)
     rows = data_lib.layout_rows(seqs, seq_len, pack=False)
     num_origins = data_lib.max_loss_origins(rows, mtp.num_steps)

@@ -116,7 +116,7 @@ def init_heads(model: LoadedModel, mtp: MTPConfig, init: str, key: jax.Array) ->
         layer = dict(params[f"layers_{i}"])
         layer["block"] = jax.tree.map(jnp.array, last)
         layer["norm"] = {"scale": jnp.array(model.params["final_norm"]["scale"])}
-        layer["fc"] = jnp.concatenate([eye, eye], axis=0)  # [2D, D]: embedding rows, then hidden rows
+        layer["fc"] = jnp.concatenate([eye, eye], axis=1)  # [D, 2D]: embedding columns, then hidden columns
         params[f"layers_{i}"] = layer
     return params
 

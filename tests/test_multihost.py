@@ -144,7 +144,7 @@ def test_pretrain_mtp_on_two_processes_matches_one_device(tmp_path):
 
     got, want = load_mtp_heads(str(tmp_path / "run")), load_mtp_heads(str(tmp_path / "ref"))  # 2-process checkpoint
     np.testing.assert_array_equal(got.draft_ids, want.draft_ids)
-    fc_init = np.concatenate([np.eye(32), np.eye(32)])  # pretrain.init=trunk: fc = [I ; I]
+    fc_init = np.concatenate([np.eye(32), np.eye(32)], axis=1)  # pretrain.init=trunk: fc = [I, I]
     assert np.max(np.abs(want.params["layers_0"]["fc"] - fc_init)) > 10 * 1e-3  # the heads moved: a real test
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=0)

@@ -27,7 +27,7 @@ def test_sharded_mtp_train_step_matches_one_device(stages):
     assert mtp["loss"] == pytest.approx(mtp["ref_loss"], abs=1e-5)
     assert mtp["alpha_max_diff"] < 1e-5
     assert mtp["params_max_diff"] < 1e-4 < 100 * 1e-4 < mtp["params_moved"]
-    assert mtp["wq_spec"] == "P('fsdp', 'tensor', None)" and mtp["fc_spec"] == "P(None, 'fsdp')"
+    assert mtp["wq_spec"] == "P('tensor', None, 'fsdp')" and mtp["fc_spec"] == "P('fsdp', None)"
     assert "P('fsdp', 'tensor')" in mtp["mu_specs"]  # the AdamW moments stay sharded like the heads
 
 
@@ -49,4 +49,4 @@ def test_sharded_learner_step_matches_one_device(stages):
     assert learner["grad_norm_diff"] < 1e-5
     assert learner["params_max_diff"] < 1e-4 < 10 * 1e-4 < learner["params_moved"]
     assert learner["embedding_spec"] == "P('tensor', 'fsdp')"
-    assert learner["nu_wq_spec"] == "P('fsdp', 'tensor', None)"
+    assert learner["nu_wq_spec"] == "P('tensor', None, 'fsdp')"

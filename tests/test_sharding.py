@@ -77,7 +77,7 @@ def test_state_shardings_follow_the_parameter_boxes():
     wq = ("layers_0", "attn", "wq")
     param = state["params"][wq[0]][wq[1]][wq[2]]
     adam = state["opt"][0]
-    assert param.spec == PartitionSpec("fsdp", "tensor", None)
+    assert param.spec == PartitionSpec("tensor", None, "fsdp")
     assert adam.mu[wq[0]][wq[1]][wq[2]] == param and adam.nu[wq[0]][wq[1]][wq[2]] == param
     assert adam.count.spec == PartitionSpec() and state["step"].spec == PartitionSpec()
     restore = sharding.sharded_abstract(abstract_state(), mesh, rules)
@@ -103,9 +103,9 @@ def test_sharded_forward_matches_one_device(eight_devices, mesh):
 
 
 def test_kv_heads_that_do_not_divide_tensor_are_replicated(eight_devices):
-    assert eight_devices["data2_fsdp2_tensor2"]["param_specs"]["wk"] == "P('fsdp', 'tensor', None)"
+    assert eight_devices["data2_fsdp2_tensor2"]["param_specs"]["wk"] == "P('tensor', None, 'fsdp')"
     specs = eight_devices["data2_tensor4"]["param_specs"]  # 2 KV heads, tensor=4; 4 q heads
-    assert specs["wk"] == "P('fsdp', None, None)" and specs["wq"] == "P('fsdp', 'tensor', None)"
+    assert specs["wk"] == "P(None, None, 'fsdp')" and specs["wq"] == "P('tensor', None, 'fsdp')"
 
 
 def test_sharded_greedy_generation_matches_one_device(eight_devices):
@@ -116,8 +116,8 @@ def test_sharded_training_matches_one_device(eight_devices):
     train = eight_devices["train"]
     assert train["losses"] == pytest.approx(train["ref_losses"], abs=1e-5)
     assert train["params_max_diff"] < 1e-4
-    assert train["param_specs_after"]["gate"] == "P('fsdp', 'tensor')"  # the step keeps the state sharded
-    assert train["mu_spec"] == "P('fsdp', 'tensor', None)"
+    assert train["param_specs_after"]["gate"] == "P('tensor', 'fsdp')"  # the step keeps the state sharded
+    assert train["mu_spec"] == "P('tensor', None, 'fsdp')"
     assert train["lowered_donation"] == [True, False]  # state donated, batch not
 
 

@@ -100,8 +100,8 @@ def test_params_carry_logical_axes(hf_tiny):
     cfg = load_model(path).cfg
     axes = logical_axes(cfg)
     assert tuple(axes["embedding"]) == ("vocab", "embed")
-    assert tuple(axes["layers_0"]["attn"]["wq"]) == ("embed", "q_heads", "head_dim")
-    assert tuple(axes["layers_0"]["mlp"]["down"]) == ("mlp", "embed")
+    assert tuple(axes["layers_0"]["attn"]["wq"]) == ("q_heads", "head_dim", "embed")
+    assert tuple(axes["layers_0"]["mlp"]["down"]) == ("embed", "mlp")
     shapes = jax.tree.map(lambda a: a.shape, init_params(cfg, jax.random.key(0)))
     assert shapes == jax.tree.map(lambda a: a.shape, load_model(path).params)
 
@@ -127,6 +127,36 @@ def test_vocab_logits_takes_the_reduce_form_for_few_rows_on_cpu():
     for rows, dot in ((1, True), (FEW_ROWS[0], False), (FEW_ROWS[1], False), (FEW_ROWS[1] + 1, True)):
         jaxpr = str(jax.make_jaxpr(vocab_logits)(jnp.zeros((rows, 24)), w))
         assert ("dot_general" in jaxpr) == dot and ("reduce_sum" in jaxpr) != dot, rows
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 4), (3, 5), (70,), (2, 3, 7)])
+def test_linear_equals_the_plain_product_on_every_path(shape):
+    """x W^T for W stored [out, in], on the weight-on-the-left path (2..64 rows on CPU) and the plain dot."""
+    from bebop_jax.model.transformer import linear
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((*shape, 24)).astype(np.float32)
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    got = np.asarray(jax.jit(linear)(x, w))
+    want = np.einsum("...i,oi->...o", x.astype(np.float64), w.astype(np.float64))
+    assert got.shape == (*shape, 40) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda w_: jnp.sum(jnp.sin(linear(x, w_))))(w)  # the barrier has a gradient
+    want_grad = np.einsum("ro,ri->oi", np.cos(want).reshape(-1, 40), x.reshape(-1, 24).astype(np.float64))
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_puts_the_weight_on_the_left_for_few_rows_on_cpu():
+    """Between FEW_ROWS_LINEAR rows the dot has W as its left operand and a barrier keeps it so."""
+    from bebop_jax.model.transformer import FEW_ROWS_LINEAR, linear
+
+    w = jnp.zeros((40, 24))
+    for rows, plain in ((1, True), (FEW_ROWS_LINEAR[0], False), (FEW_ROWS_LINEAR[1], False),
+                        (FEW_ROWS_LINEAR[1] + 1, True)):
+        jaxpr = jax.make_jaxpr(linear)(jnp.zeros((rows, 24)), w).jaxpr
+        dot = next(e for e in jaxpr.eqns if e.primitive.name == "dot_general")
+        assert (dot.invars[0] is jaxpr.invars[0]) == plain, rows  # the activations on the left: the plain dot
+        assert any(e.primitive.name == "optimization_barrier" for e in jaxpr.eqns) != plain, rows
 
 
 @pytest.mark.parametrize("rows", [1, 4])

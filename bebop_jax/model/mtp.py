@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bebop_jax.model import weights as weights_lib
-from bebop_jax.model.transformer import Block, KVCache, RMSNorm, empty_kv, TransformerConfig, param_with_axes, rope_tables
+from bebop_jax.model.transformer import (Block, KVCache, RMSNorm, TransformerConfig, empty_kv, linear, param_with_axes,
+                                         rope_tables)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +63,8 @@ class MTPLayer(nn.Module):
         D = cfg.hidden_size
         e = RMSNorm(cfg.rms_norm_eps, dt, name="pre_fc_norm_embedding")(emb)
         h = RMSNorm(cfg.rms_norm_eps, dt, name="pre_fc_norm_hidden")(h_prev)
-        fc = param_with_axes(self, "fc", (2 * D, D), ("mtp_concat", "embed"))
-        x = jnp.concatenate([e, h], axis=-1) @ fc.astype(dt)  # [B, T, D], embedding first
+        fc = param_with_axes(self, "fc", (D, 2 * D), ("embed", "mtp_concat"))
+        x = linear(jnp.concatenate([e, h], axis=-1), fc, dt)  # [B, T, D], embedding first
         cos, sin = rope_tables(cfg, positions)
         # the first origin (t = 0) writes slot 1: slot 0 holds no key, in training as in decoding
         x, cache = Block(cfg, first_slot=1, name="block")(x, cos, sin, positions, cache, segment_ids)
@@ -112,8 +113,8 @@ def mtp_logical_axes(cfg: TransformerConfig, mtp: MTPConfig) -> dict:
 
 
 def vocab_matrix(cfg: TransformerConfig, trunk_params: dict) -> jax.Array:
-    """The LM head as W [V, D] (logits = W h): the tied embedding or the untied head transposed."""
-    return trunk_params["embedding"] if cfg.tie_word_embeddings else trunk_params["lm_head"].T
+    """The LM head as W [V, D] (logits = W h): the tied embedding or the untied head."""
+    return trunk_params["embedding"] if cfg.tie_word_embeddings else trunk_params["lm_head"]
 
 
 def heads_input(trunk_hidden: jax.Array) -> jax.Array:
@@ -161,7 +162,7 @@ def _layer_tensor_map(cfg: TransformerConfig, mtp: MTPConfig, style: str):
             names = {"fc": f"{base}.fc.weight", "e": f"{base}.pre_fc_norm_embedding.weight",
                      "h": f"{base}.pre_fc_norm_hidden.weight", "norm": f"{base}.norm.weight"}
             block_prefix = f"mtp.layers.{i}"
-        yield names["fc"], ours + ("fc",), (D, 2 * D), weights_lib.Layout(transpose=True), lambda a: a.T
+        yield names["fc"], ours + ("fc",), (D, 2 * D), same, same
         yield names["e"], ours + ("pre_fc_norm_embedding", "scale"), (D,), same, same
         yield names["h"], ours + ("pre_fc_norm_hidden", "scale"), (D,), same, same
         yield names["norm"], ours + ("norm", "scale"), (D,), same, same

@@ -14,7 +14,8 @@ untied LM head, RoPE theta and Llama-3 rope scaling, grouped-query attention.
 Parameters and activations carry logical axis names; `bebop_jax.sharding` maps them to a mesh.
 
 Shape letters: B batch, T tokens in this call, S cache slots, D model width, N query heads,
-K key/value heads, G = N / K, H head dim, F MLP width, V vocabulary.
+K key/value heads, G = N / K, H head dim, F MLP width, V vocabulary. Weight matrices are stored
+[out, in], as HF checkpoints store them (`linear`).
 Not here on purpose: dropout, MoE, sliding-window attention.
 """
 
@@ -174,13 +175,15 @@ class Attention(nn.Module):
         """x [B, T, D] -> (y [B, T, D], updated cache or None)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        wq = param_with_axes(self, "wq", (D, N, H), ("embed", "q_heads", "head_dim"))
-        wk = param_with_axes(self, "wk", (D, K, H), ("embed", "kv_heads", "head_dim"))
-        wv = param_with_axes(self, "wv", (D, K, H), ("embed", "kv_heads", "head_dim"))
-        wo = param_with_axes(self, "wo", (N, H, D), ("q_heads", "head_dim", "embed"))
-        q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
+        # [out, in] as the checkpoint stores them (see `linear`); heads split out of the output axis
+        wq = param_with_axes(self, "wq", (N, H, D), ("q_heads", "head_dim", "embed"))
+        wk = param_with_axes(self, "wk", (K, H, D), ("kv_heads", "head_dim", "embed"))
+        wv = param_with_axes(self, "wv", (K, H, D), ("kv_heads", "head_dim", "embed"))
+        wo = param_with_axes(self, "wo", (D, N, H), ("embed", "q_heads", "head_dim"))
+        B, T = x.shape[:2]
+        q = linear(x, wq.reshape(N * H, D), dt).reshape(B, T, N, H)
+        k = linear(x, wk.reshape(K * H, D), dt).reshape(B, T, K, H)
+        v = linear(x, wv.reshape(K * H, D), dt).reshape(B, T, K, H)
         if cfg.qkv_bias:
             q = q + param_with_axes(self, "bq", (N, H), ("q_heads", "head_dim"), nn.initializers.zeros).astype(dt)
             k = k + param_with_axes(self, "bk", (K, H), ("kv_heads", "head_dim"), nn.initializers.zeros).astype(dt)
@@ -208,7 +211,6 @@ class Attention(nn.Module):
             slots = jnp.arange(keys.shape[3])  # [S]
             valid = (slots[None, None, :] <= positions[:, :, None]) & (slots >= self.first_slot)  # [B, T, S]
 
-        B, T = x.shape[:2]
         G = N // K
         # queries of a KV head as the rows of one matmul: [B, K, T*G, H] (head n = k * G + g)
         qg = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
@@ -218,9 +220,9 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.matmul(probs, values)  # [B, K, T*G, H]
         out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N * H)
-        # one [N*H, D] matrix (a bitcast of wo): contracting (N, H) as two axes, XLA:CPU transposed and copied
-        # all of wo to H-major in every layer of every decode step (+15% of a SmolLM2 step's weight bytes)
-        y = out @ wo.reshape(N * H, D).astype(dt)
+        # one [D, N*H] matrix (a bitcast of wo): contracting (N, H) as two axes, XLA:CPU transposed and copied
+        # all of wo in every layer of every decode step (+15% of a SmolLM2 step's weight bytes)
+        y = linear(out, wo.reshape(D, N * H), dt)
         return y, cache
 
 
@@ -233,12 +235,12 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         D, F = cfg.hidden_size, cfg.intermediate_size
-        gate = param_with_axes(self, "gate", (D, F), ("embed", "mlp"))
-        up = param_with_axes(self, "up", (D, F), ("embed", "mlp"))
-        down = param_with_axes(self, "down", (F, D), ("mlp", "embed"))
-        h = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))  # [B, T, F]
+        gate = param_with_axes(self, "gate", (F, D), ("mlp", "embed"))
+        up = param_with_axes(self, "up", (F, D), ("mlp", "embed"))
+        down = param_with_axes(self, "down", (D, F), ("embed", "mlp"))
+        h = jax.nn.silu(linear(x, gate, dt)) * linear(x, up, dt)  # [B, T, F]
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return h @ down.astype(dt)
+        return linear(h, down, dt)
 
 
 class Block(nn.Module):
@@ -270,7 +272,7 @@ class Transformer(nn.Module):
         self.layers = [Block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = param_with_axes(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+            self.lm_head = param_with_axes(self, "lm_head", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
 
     def __call__(self, tokens, positions, cache=None, segment_ids=None):
         """tokens, positions [B, T] int32; cache: tuple of KVCache or None (full causal forward).
@@ -292,14 +294,32 @@ class Transformer(nn.Module):
 
     def logits(self, hidden):
         """hidden [..., D] -> logits [..., V] in float32."""
-        if self.cfg.tie_word_embeddings:
-            return vocab_logits(hidden, self.embedding, self.cfg.compute_dtype)
-        w = self.lm_head.astype(self.cfg.compute_dtype)  # [D, V]
-        return jnp.einsum("...D,DV->...V", hidden, w, preferred_element_type=jnp.float32)
+        w = self.embedding if self.cfg.tie_word_embeddings else self.lm_head  # [V, D]
+        return vocab_logits(hidden, w, self.cfg.compute_dtype)
 
 
 # Rows for which `vocab_logits` takes the multiply-reduce form on CPU (see there).
 FEW_ROWS = (2, 32)
+# Rows for which `linear` takes the weight-on-the-left dot on CPU (see there).
+FEW_ROWS_LINEAR = (2, 64)
+
+
+def linear(x, w, compute_dtype=jnp.float32):
+    """x [..., I] and a weight stored [O, I] (as checkpoints store it) -> x W^T [..., O] in compute_dtype.
+
+    On XLA:CPU a dot of a few rows against a [I, O] matrix, or against [O, I] contracted as x W^T, runs
+    at 2-3x the time of reading W (`benchmarks/few_row_linear.py`: 20.2 ms at 4 rows where 1 row takes
+    7.8); written as (W x^T)^T, one dot with W on the left, it reads W at memory speed (10.1 ms). The
+    optimization barrier keeps XLA from folding the transpose back into the dot, which would swap the
+    operands again. Other row counts and other platforms (`placement.platform()`) use the plain dot.
+    """
+    rows = math.prod(x.shape[:-1])
+    w = w.astype(compute_dtype)
+    if platform() == "cpu" and FEW_ROWS_LINEAR[0] <= rows <= FEW_ROWS_LINEAR[1]:
+        flat = x.reshape(rows, x.shape[-1]).astype(compute_dtype)
+        out = jax.lax.optimization_barrier(jnp.einsum("OI,RI->OR", w, flat))  # [O, rows]
+        return out.T.reshape(*x.shape[:-1], w.shape[0])
+    return jnp.einsum("...I,OI->...O", x, w)
 
 
 def vocab_logits(hidden, w_vocab, compute_dtype=jnp.float32):

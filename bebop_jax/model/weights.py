@@ -30,15 +30,14 @@ class WeightsError(ValueError):
 
 
 class Layout:
-    """The map from an HF tensor to ours: a transpose (2-D tensors) and/or one axis of the result split
-    into (heads, head_dim). Called on a whole array it converts it; `read` reads one block of ours
-    through a reader of HF blocks, so a device's shard costs only the HF rows and columns it holds."""
+    """The map from an HF tensor to ours: HF's [out, in] matrices are kept as they are, with at most one
+    axis split into (heads, head_dim). Called on a whole array it converts it; `read` reads one block of
+    ours through a reader of HF blocks, so a device's shard costs only the HF rows and columns it holds."""
 
-    def __init__(self, transpose: bool = False, split_axis: int | None = None, head_dim: int = 1):
-        self.transpose, self.split_axis, self.head_dim = transpose, split_axis, head_dim
+    def __init__(self, split_axis: int | None = None, head_dim: int = 1):
+        self.split_axis, self.head_dim = split_axis, head_dim
 
     def __call__(self, a: np.ndarray) -> np.ndarray:
-        a = a.T if self.transpose else a
         if self.split_axis is None:
             return a
         ax = self.split_axis
@@ -46,7 +45,7 @@ class Layout:
 
     def shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Our shape of an HF tensor of `hf_shape`."""
-        shape = hf_shape[::-1] if self.transpose else tuple(hf_shape)
+        shape = tuple(hf_shape)
         if self.split_axis is None:
             return shape
         ax = self.split_axis
@@ -59,8 +58,7 @@ class Layout:
             ax, h = self.split_axis, self.head_dim
             heads, sub = index[ax], index[ax + 1]
             index[ax:ax + 2] = [slice(heads.start * h, heads.stop * h)]
-        a = read_hf(tuple(index[::-1] if self.transpose else index))
-        a = self(np.asarray(a, np.float32))
+        a = self(np.asarray(read_hf(tuple(index)), np.float32))
         if sub is not None:
             a = a[(slice(None),) * (self.split_axis + 1) + (sub,)]
         return a
@@ -72,21 +70,18 @@ def hf_tensor_map(cfg: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...]
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     same = Layout()
 
-    def linear_in(heads):  # HF [heads*H, D] <-> ours [D, heads, H]
-        return Layout(transpose=True, split_axis=1, head_dim=H), lambda a: a.reshape(D, heads * H).T
-
-    def transpose():
-        return Layout(transpose=True), lambda a: a.T
+    def heads_out(heads):  # HF [heads*H, D] <-> ours [heads, H, D]
+        return Layout(split_axis=0, head_dim=H), lambda a: a.reshape(heads * H, D)
 
     yield "model.embed_tokens.weight", ("embedding",), (V, D), same, same
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}", (f"layers_{i}",)
         attn = ours + ("attn",)
-        yield f"{hf}.self_attn.q_proj.weight", attn + ("wq",), (N * H, D), *linear_in(N)
-        yield f"{hf}.self_attn.k_proj.weight", attn + ("wk",), (K * H, D), *linear_in(K)
-        yield f"{hf}.self_attn.v_proj.weight", attn + ("wv",), (K * H, D), *linear_in(K)
+        yield f"{hf}.self_attn.q_proj.weight", attn + ("wq",), (N * H, D), *heads_out(N)
+        yield f"{hf}.self_attn.k_proj.weight", attn + ("wk",), (K * H, D), *heads_out(K)
+        yield f"{hf}.self_attn.v_proj.weight", attn + ("wv",), (K * H, D), *heads_out(K)
         yield (f"{hf}.self_attn.o_proj.weight", attn + ("wo",), (D, N * H),
-               Layout(transpose=True, split_axis=0, head_dim=H), lambda a: a.reshape(N * H, D).T)
+               Layout(split_axis=1, head_dim=H), lambda a: a.reshape(D, N * H))
         if cfg.qkv_bias:
             for name, heads in (("q", N), ("k", K), ("v", K)):
                 yield (f"{hf}.self_attn.{name}_proj.bias", attn + (f"b{name}",), (heads * H,),
@@ -94,14 +89,14 @@ def hf_tensor_map(cfg: TransformerConfig) -> Iterator[tuple[str, tuple[str, ...]
         if cfg.qk_norm:
             yield f"{hf}.self_attn.q_norm.weight", attn + ("q_norm", "scale"), (H,), same, same
             yield f"{hf}.self_attn.k_norm.weight", attn + ("k_norm", "scale"), (H,), same, same
-        yield f"{hf}.mlp.gate_proj.weight", ours + ("mlp", "gate"), (F, D), *transpose()
-        yield f"{hf}.mlp.up_proj.weight", ours + ("mlp", "up"), (F, D), *transpose()
-        yield f"{hf}.mlp.down_proj.weight", ours + ("mlp", "down"), (D, F), *transpose()
+        yield f"{hf}.mlp.gate_proj.weight", ours + ("mlp", "gate"), (F, D), same, same
+        yield f"{hf}.mlp.up_proj.weight", ours + ("mlp", "up"), (F, D), same, same
+        yield f"{hf}.mlp.down_proj.weight", ours + ("mlp", "down"), (D, F), same, same
         yield f"{hf}.input_layernorm.weight", ours + ("attn_norm", "scale"), (D,), same, same
         yield f"{hf}.post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), (D,), same, same
     yield "model.norm.weight", ("final_norm", "scale"), (D,), same, same
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", ("lm_head",), (V, D), *transpose()
+        yield "lm_head.weight", ("lm_head",), (V, D), same, same
 
 
 class LazyTensors(Mapping):
