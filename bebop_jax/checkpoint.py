@@ -32,6 +32,23 @@ from bebop_jax.model.mtp import MTPConfig, init_mtp_params, mtp_params_from_hf_t
 from bebop_jax.model.transformer import TransformerConfig
 
 
+# Recorded in every checkpoint's meta: weight matrices stored [out, in] (`transformer.linear`). Checkpoints
+# without it hold [in, out] matrices (bebop-jax before the layout change): heads read from them are converted
+# (`from_in_out_layout`); resuming training from them is refused.
+WEIGHT_LAYOUT = "out_in"
+# Leaf name -> the axis order that takes an [in, out]-layout matrix to ours.
+_FROM_IN_OUT = {"wq": (1, 2, 0), "wk": (1, 2, 0), "wv": (1, 2, 0), "wo": (2, 0, 1), "gate": (1, 0), "up": (1, 0),
+                "down": (1, 0), "fc": (1, 0), "lm_head": (1, 0)}
+
+
+def from_in_out_layout(params: dict) -> dict:
+    """Trunk or MTP parameters (numpy) saved with [in, out] matrices -> today's [out, in] layout."""
+    def convert(path, x):
+        name = getattr(path[-1], "key", None)
+        return np.ascontiguousarray(np.transpose(x, _FROM_IN_OUT[name])) if name in _FROM_IN_OUT else x
+    return jax.tree_util.tree_map_with_path(convert, params)
+
+
 def _is_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -54,7 +71,7 @@ class RunCheckpoints:
     def save(self, step: int, state, data_iterator: grain.DatasetIterator | None, meta: dict) -> None:
         """Starts an asynchronous save of step `step` (the previous save is finished first)."""
         raw = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
-        items = dict(state=ocp.args.StandardSave(raw), meta=ocp.args.JsonSave(meta))
+        items = dict(state=ocp.args.StandardSave(raw), meta=ocp.args.JsonSave(meta | {"weight_layout": WEIGHT_LAYOUT}))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items))
@@ -65,6 +82,11 @@ class RunCheckpoints:
         numpy leaves of `like` come back as numpy (uncommitted: a jitted step that took fresh, uncommitted
         arrays reuses its compilation), jax.Array leaves with their sharding, keys as keys.
         """
+        if self.read_meta(step).get("weight_layout") != WEIGHT_LAYOUT:
+            raise weights_lib.WeightsError(
+                f"checkpoint {self.directory}/{step} holds [in, out] weight matrices (written by bebop-jax before "
+                "matrices were stored [out, in]) and cannot be resumed; its heads still load (`--mtp` / "
+                "`load_mtp_heads` convert them): export them with `bebop export --heads-only` and start a new run")
         abstract = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else ocp.utils.to_shape_dtype_struct(
             jax.random.key_data(x) if _is_key(x) else x), like)
         items = dict(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
@@ -201,8 +223,10 @@ def load_mtp_heads(path: str, trunk: TransformerConfig | None = None) -> MTPHead
             raise FileNotFoundError(f"run directory '{path}' holds no finished checkpoint")
         state, meta = ckpt.restore_raw(step)
         ckpt.close()
-        heads = MTPHeadsCheckpoint(MTPConfig(**meta["mtp"]), jax.tree.map(np.asarray, state["params"]),
-                                   _draft_ids(meta.get("draft_ids")))
+        params = jax.tree.map(np.asarray, state["params"])
+        if meta.get("weight_layout") != WEIGHT_LAYOUT:
+            params = from_in_out_layout(params)
+        heads = MTPHeadsCheckpoint(MTPConfig(**meta["mtp"]), params, _draft_ids(meta.get("draft_ids")))
     elif os.path.isfile(os.path.join(path, "config.json")):
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)

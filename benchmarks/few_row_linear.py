@@ -4,10 +4,10 @@
 
 A chain of SmolLM2-sized MLP pairs (x += tanh(x W_up) W_down, D=576, F=1536, `--layers` distinct pairs,
 ~106 MB of f32 weights at 30, so every step reads them from memory), run three ways side by side:
-  in_out       weights [in, out], `x @ W`: the trunk's layout and form today
-  out_in       weights [out, in] (the checkpoint's layout), y = (W x^T)^T with an optimization barrier
-               before the transpose (without it XLA folds the transpose into the dot and is back to the
-               slow form)
+  in_out       weights [in, out], `x @ W`: the trunk's layout and form before `transformer.linear`
+  out_in       weights [out, in] (the checkpoint's layout, the trunk's since), y = (W x^T)^T with an
+               optimization barrier before the transpose (without it XLA folds the transpose into the dot
+               and is back to the slow form): what `transformer.linear` does for 2-64 rows on CPU
   feature_major weights [out, in], activations kept [D, rows] through the chain: W x
 Prints milliseconds per chain and in_out / out_in per row count. Writes JSON.
 """

@@ -98,3 +98,22 @@ def test_learner_step_raises_the_logprob_of_rewarded_completions(tiny):
     gain = np.asarray(jnp.sum((logp1 - logp0) * mask, axis=1))
     assert gain[0] > 0.1 and gain[1] < -0.1 and int(state.step) == 5
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_learner_step_without_prox_logprobs_is_the_step_with_them(tiny):
+    """logp_prox=None takes pi_prox from the step's own forward: the same update as a separate prox forward."""
+    cfg, params = tiny
+    tokens = jnp.array([[1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 9, 9], [2, 7, 1, 3, 3, 8]])
+    mask = jnp.array([[False, False, True, True, True, True]] * 3)
+    settings = LearnerSettings(learning_rate=1e-2, temperature=0.8)
+    logp0, _ = policy_logprobs(params, tokens, cfg=cfg, temperature=0.8)
+    traj = Trajectories(tokens=tokens, loss_mask=mask, behaviour_logprobs=jnp.where(mask, logp0 - 0.1, 0.0),
+                        rewards=jnp.array([1.0, 0.0, 0.5]), group_ids=jnp.array([0, 0, 0]),
+                        policy_version=jnp.zeros(3, jnp.int32))
+    out = [learner_step(init_learner(jax.tree.map(jnp.copy, params), settings), traj, prox, cfg=cfg,
+                        settings=settings, num_groups=1) for prox in (logp0, None)]
+    (with_prox, m1), (own, m2) = out
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), with_prox.params, own.params)
+    for name in ("loss", "behaviour_kl", "is_weight", "grad_norm"):
+        np.testing.assert_allclose(float(m1[name]), float(m2[name]), rtol=1e-5, atol=1e-7)
+    assert abs(float(m2["behaviour_kl"]) + 0.1) < 1e-5  # the step's own log-probs stand in for pi_prox

@@ -298,6 +298,24 @@ class Transformer(nn.Module):
         return vocab_logits(hidden, w, self.cfg.compute_dtype)
 
 
+def scanned_hidden(cfg: TransformerConfig, params: dict, tokens, positions, segment_ids=None):
+    """`Transformer.__call__` without a cache, its layers run as one `lax.scan` over their stacked params.
+
+    The same hidden states [B, T, D]; the program holds one layer instead of num_layers, so a training
+    step (forward and gradient) compiles several times faster. Stacking copies the layer weights once
+    per call, which is small against a training step's matmuls; decoding keeps the unrolled layers.
+    """
+    model, block = Transformer(cfg), Block(cfg)
+    stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *(params[f"layers_{i}"] for i in range(cfg.num_layers)))
+    cos, sin = rope_tables(cfg, positions)
+
+    def layer(x, layer_params):
+        return block.apply({"params": layer_params}, x, cos, sin, positions, None, segment_ids)[0], None
+
+    x, _ = jax.lax.scan(layer, model.apply({"params": params}, tokens, method=Transformer.embed), stacked)
+    return model.apply({"params": params}, x, method=lambda m, h: m.final_norm(h))
+
+
 # Rows for which `vocab_logits` takes the multiply-reduce form on CPU (see there).
 FEW_ROWS = (2, 32)
 # Rows for which `linear` takes the weight-on-the-left dot on CPU (see there).

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bebop_jax.model.transformer import Transformer, TransformerConfig
+from bebop_jax.model.transformer import Transformer, TransformerConfig, scanned_hidden
 
 
 @flax.struct.dataclass
@@ -86,7 +86,7 @@ def token_logprobs(params, cfg: TransformerConfig, tokens: jax.Array, temperatur
     """
     model = Transformer(cfg)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    hidden, _ = model.apply({"params": params}, tokens, positions)
+    hidden = scanned_hidden(cfg, params, tokens, positions)  # one layer in the program: a fast compile
     logits = model.apply({"params": params}, hidden[:, :-1], method=Transformer.logits) / temperature  # [B,L-1,V]
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     logp = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -127,15 +127,19 @@ def policy_logprobs(params, tokens, *, cfg: TransformerConfig, temperature: floa
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "num_groups"), donate_argnums=(0,))
-def learner_step(state: LearnerState, traj: Trajectories, logp_prox, logp_ref=None, *, cfg: TransformerConfig,
+def learner_step(state: LearnerState, traj: Trajectories, logp_prox=None, logp_ref=None, *, cfg: TransformerConfig,
                  settings: LearnerSettings, num_groups: int):
-    """One optimizer update on a batch: (state, traj, log pi_prox [B,L], log pi_ref or None) -> (state, metrics)."""
+    """One optimizer update on a batch: (state, traj, log pi_prox [B,L] or None, log pi_ref or None) -> (state, metrics).
+
+    logp_prox None: pi_prox is the policy being updated (one update per batch, as `rl.loop` runs), its
+    log-probs the step's own forward under stop_gradient, so no second forward pass is spent on them.
+    """
     advantages = grpo_advantages(traj.rewards, traj.group_ids, num_groups)
 
     def loss_fn(params):
         logp, entropy = token_logprobs(params, cfg, traj.tokens, settings.temperature)
-        loss, metrics = ppo_loss(logp, logp_prox, traj.behaviour_logprobs, advantages, traj.loss_mask, settings,
-                                 logp_ref)
+        prox = jax.lax.stop_gradient(logp) if logp_prox is None else logp_prox
+        loss, metrics = ppo_loss(logp, prox, traj.behaviour_logprobs, advantages, traj.loss_mask, settings, logp_ref)
         mask = traj.loss_mask.astype(jnp.float32)
         metrics["entropy"] = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         return loss, metrics

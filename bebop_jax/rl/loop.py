@@ -82,7 +82,7 @@ def traj_shardings(rows: int, length: int, mesh: Mesh, rules: sharding.Rules) ->
 def _learner_fns(model_cfg: TransformerConfig, settings: LearnerSettings, num_groups: int, mesh: Mesh,
                  rules: sharding.Rules, rows: int, length: int):
     """(state shardings, Trajectories shardings, logprobs(params, tokens [R,L]) -> [R,L], update(state,
-    traj, logp_prox, logp_ref) -> (state, metrics)) on `mesh`; cached, so runs in one process (the demo's
+    traj, logp_prox or None, logp_ref or None) -> (state, metrics)) on `mesh`; cached, so runs in one process (the demo's
     three MTP strategies, a benchmark's settings) share their compilations."""
     state_sh = learner_shardings(model_cfg, settings, mesh, rules)
     traj_sh = traj_shardings(rows, length, mesh, rules)
@@ -258,13 +258,12 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                     continue
                 t0 = time.perf_counter()
                 batch = sharding.put_global(traj, traj_sh)  # host rows (the same on every process) -> the mesh
-                logp_prox = logprobs(state.params, batch.tokens)
                 logp_ref = None if ref_params is None else logprobs(ref_params, batch.tokens)
                 extra = {}
                 if updater is not None:
                     with sharding.use_mesh(learner_mesh, learner_rules):
                         extra = updater.update(state.params, traj)
-                state, lm = update(state, batch, logp_prox, logp_ref)
+                state, lm = update(state, batch, None, logp_ref)  # one update per batch: pi_prox = the state's policy
                 lm = {k: float(v) for k, v in jax.device_get(lm).items()}
                 if not np.isfinite(lm["loss"]):
                     raise FloatingPointError(f"RL loss is {lm['loss']} at learner step {step + 1}")

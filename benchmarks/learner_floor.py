@@ -1,0 +1,113 @@
+"""The RL learner against its matmul FLOP floor, on SmolLM2-135M-Instruct at the RL config's batch.
+
+    python benchmarks/learner_floor.py [--config configs/smollm2-135m-rl.yaml] [--repeats 3] [--out FILE]
+
+Measured side by side in one process (f32, medians):
+  matmul rate   GFLOP/s of jitted f32 matmuls at the trunk's shapes ([B*L, D] x [D, F] and [B*L, F] x [F, D])
+                and of a 1024^3 one; the best of them is the rate the floor is taken at
+  learner step  what the RL loop spends per update (`rl.loop`): the pi_prox log-probs the step needs and
+                `learner.learner_step` on prompts_per_step x group_size rows of max_prompt_tokens +
+                max_new_tokens tokens (random tokens; the completion half is the loss mask)
+  floor         the matmul FLOPs of that work (every dot_general of its jaxprs, gradients included)
+                divided by the matmul rate
+Prints step / floor (issue 16's target: <= 1.7) and the first call's compile seconds. Writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+
+from bebop_jax.config import load_config
+from bebop_jax.model import load_model
+from bebop_jax.rl.learner import LearnerSettings, Trajectories, init_learner, learner_step, policy_logprobs
+from timing import median_seconds, write_result
+
+
+def dot_flops(jaxpr) -> int:
+    """2 x (output size) x (contracted size), summed over every dot_general of a closed jaxpr and its sub-jaxprs."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += dot_flops(sub)
+    return total
+
+
+def matmul_gflops(rows: int, d: int, f: int, repeats: int) -> dict[str, float]:
+    key = jax.random.key(0)
+    shapes = {f"{rows}x{d}x{f}": (rows, d, f), f"{rows}x{f}x{d}": (rows, f, d), "1024x1024x1024": (1024, 1024, 1024)}
+    out = {}
+    mm = jax.jit(jnp.matmul)
+    for name, (m, k, n) in shapes.items():
+        a, b = jax.random.normal(key, (m, k)), jax.random.normal(key, (k, n))
+        out[name] = 2 * m * k * n / median_seconds(lambda: mm(a, b), repeats) / 1e9
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/smollm2-135m-rl.yaml")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/learner_floor.json")
+    args = ap.parse_args()
+    cfg = load_config(args.config, [])
+    rl = cfg.rl
+    model = load_model(cfg.model.source, "float32")
+    mcfg = model.cfg
+    B, P, N = rl.prompts_per_step * rl.group_size, rl.max_prompt_tokens, rl.max_new_tokens
+    L = P + N
+    rng = np.random.default_rng(0)
+    settings = LearnerSettings(temperature=rl.temperature, clip_eps=rl.clip_eps, is_cap=rl.is_cap,
+                               kl_coef=rl.kl_coef, learning_rate=rl.learning_rate)
+    tokens = jnp.asarray(rng.integers(0, mcfg.vocab_size, (B, L)), jnp.int32)
+    mask = jnp.asarray(np.arange(L)[None, :] >= P).repeat(B, axis=0)
+    behaviour = policy_logprobs(model.params, tokens, cfg=mcfg, temperature=settings.temperature)[0]
+    traj = Trajectories(tokens=tokens, loss_mask=mask, behaviour_logprobs=jnp.where(mask, behaviour, 0.0),
+                        rewards=jnp.asarray(rng.integers(0, 2, B), jnp.float32),
+                        group_ids=jnp.asarray(np.arange(B) // rl.group_size, jnp.int32),
+                        policy_version=jnp.zeros((B,), jnp.int32))
+    state = init_learner(jax.tree.map(jnp.array, model.params), settings)
+    static = dict(cfg=mcfg, settings=settings, num_groups=rl.prompts_per_step)
+
+    def prox(params):
+        return policy_logprobs(params, tokens, cfg=mcfg, temperature=settings.temperature)[0]
+
+    t0 = time.perf_counter()
+    compiled = learner_step.lower(state, traj, prox(state.params), None, **static).compile()
+    compile_s = time.perf_counter() - t0
+    logp_prox = prox(state.params)
+    flops = (dot_flops(jax.make_jaxpr(prox)(state.params).jaxpr)
+             + dot_flops(jax.make_jaxpr(lambda s, lp: learner_step(s, traj, lp, None, **static))(state, logp_prox).jaxpr))
+
+    holder = {"state": state}
+
+    def one_update():
+        s, metrics = compiled(holder["state"], traj, prox(holder["state"].params), None)
+        holder["state"] = s
+        return metrics["loss"]
+
+    step_s = median_seconds(one_update, args.repeats)
+    rates = matmul_gflops(B * L, mcfg.hidden_size, mcfg.intermediate_size, max(args.repeats, 5))
+    rate = max(rates.values())
+    floor_s = flops / (rate * 1e9)
+    print(f"batch {B} x {L} tokens, {flops / 1e12:.3f} TFLOP of matmuls per update")
+    print("f32 matmul GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    print(f"learner step {step_s:.2f} s, floor {floor_s:.2f} s at {rate:.0f} GFLOP/s: step / floor {step_s / floor_s:.2f}")
+    print(f"first compile of learner_step: {compile_s:.1f} s")
+    write_result(args.out, model=cfg.model.source, batch=B, tokens_per_row=L, matmul_tflop=flops / 1e12,
+                 matmul_gflops=rates, step_s=step_s, floor_s=floor_s, step_over_floor=step_s / floor_s,
+                 compile_s=compile_s)
+
+
+if __name__ == "__main__":
+    main()
