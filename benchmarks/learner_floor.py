@@ -5,9 +5,10 @@
 Measured side by side in one process (f32, medians):
   matmul rate   GFLOP/s of jitted f32 matmuls at the trunk's shapes ([B*L, D] x [D, F] and [B*L, F] x [F, D])
                 and of a 1024^3 one; the best of them is the rate the floor is taken at
-  learner step  what the RL loop spends per update (`rl.loop`): the pi_prox log-probs the step needs and
-                `learner.learner_step` on prompts_per_step x group_size rows of max_prompt_tokens +
-                max_new_tokens tokens (random tokens; the completion half is the loss mask)
+  learner step  what the RL loop spends per update (`rl.loop`): `learner.learner_step` on prompts_per_step x
+                group_size rows of max_prompt_tokens + max_new_tokens tokens (random tokens; the completion
+                half is the loss mask), pi_prox from its own forward; and, as the loop ran before, with a
+                separate pi_prox forward first
   floor         the matmul FLOPs of that work (every dot_general of its jaxprs, gradients included)
                 divided by the matmul rate
 Prints step / floor (issue 16's target: <= 1.7) and the first call's compile seconds. Writes JSON.
@@ -31,15 +32,19 @@ from timing import median_seconds, write_result
 
 
 def dot_flops(jaxpr) -> int:
-    """2 x (output size) x (contracted size), summed over every dot_general of a closed jaxpr and its sub-jaxprs."""
+    """2 x (output size) x (contracted size), summed over every dot_general of a jaxpr and its sub-jaxprs
+    (a scan's body times its length)."""
     total = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+        if eqn.primitive.name == "while":
+            raise ValueError("dot_flops: a while loop's trip count is unknown")
+        repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += dot_flops(sub)
+            total += repeat * dot_flops(sub)
     return total
 
 
@@ -83,30 +88,31 @@ def main():
         return policy_logprobs(params, tokens, cfg=mcfg, temperature=settings.temperature)[0]
 
     t0 = time.perf_counter()
-    compiled = learner_step.lower(state, traj, prox(state.params), None, **static).compile()
+    compiled = learner_step.lower(state, traj, None, None, **static).compile()
     compile_s = time.perf_counter() - t0
-    logp_prox = prox(state.params)
-    flops = (dot_flops(jax.make_jaxpr(prox)(state.params).jaxpr)
-             + dot_flops(jax.make_jaxpr(lambda s, lp: learner_step(s, traj, lp, None, **static))(state, logp_prox).jaxpr))
-
+    with_prox = learner_step.lower(state, traj, prox(state.params), None, **static).compile()
+    flops = dot_flops(jax.make_jaxpr(lambda s: learner_step(s, traj, None, None, **static))(state).jaxpr)
     holder = {"state": state}
 
-    def one_update():
-        s, metrics = compiled(holder["state"], traj, prox(holder["state"].params), None)
+    def update(separate_prox: bool):
+        s = holder["state"]
+        s, metrics = with_prox(s, traj, prox(s.params), None) if separate_prox else compiled(s, traj, None, None)
         holder["state"] = s
         return metrics["loss"]
 
-    step_s = median_seconds(one_update, args.repeats)
+    step_s = median_seconds(lambda: update(False), args.repeats)
+    step_prox_s = median_seconds(lambda: update(True), args.repeats)
     rates = matmul_gflops(B * L, mcfg.hidden_size, mcfg.intermediate_size, max(args.repeats, 5))
     rate = max(rates.values())
     floor_s = flops / (rate * 1e9)
     print(f"batch {B} x {L} tokens, {flops / 1e12:.3f} TFLOP of matmuls per update")
     print("f32 matmul GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
     print(f"learner step {step_s:.2f} s, floor {floor_s:.2f} s at {rate:.0f} GFLOP/s: step / floor {step_s / floor_s:.2f}")
+    print(f"with a separate pi_prox forward (the loop before): {step_prox_s:.2f} s, {step_prox_s / floor_s:.2f} x floor")
     print(f"first compile of learner_step: {compile_s:.1f} s")
     write_result(args.out, model=cfg.model.source, batch=B, tokens_per_row=L, matmul_tflop=flops / 1e12,
-                 matmul_gflops=rates, step_s=step_s, floor_s=floor_s, step_over_floor=step_s / floor_s,
-                 compile_s=compile_s)
+                 matmul_gflops=rates, step_s=step_s, step_with_prox_forward_s=step_prox_s, floor_s=floor_s,
+                 step_over_floor=step_s / floor_s, compile_s=compile_s)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,32 @@ def test_learner_step_without_prox_logprobs_is_the_step_with_them(tiny):
     out = [learner_step(init_learner(jax.tree.map(jnp.copy, params), settings), traj, prox, cfg=cfg,
                         settings=settings, num_groups=1) for prox in (logp0, None)]
     (with_prox, m1), (own, m2) = out
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), with_prox.params, own.params)
+    # Adam divides by sqrt(nu): rounding-level differences in pi_prox move a parameter by << an update (1e-2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), with_prox.params, own.params)
     for name in ("loss", "behaviour_kl", "is_weight", "grad_norm"):
         np.testing.assert_allclose(float(m1[name]), float(m2[name]), rtol=1e-5, atol=1e-7)
     assert abs(float(m2["behaviour_kl"]) + 0.1) < 1e-5  # the step's own log-probs stand in for pi_prox
+
+
+def test_vocab_token_logprobs_values_and_gradient_equal_autodiff_of_log_softmax():
+    """The hand-written LM-head gradient (learner.vocab_token_logprobs) is autodiff's, at T != 1."""
+    from bebop_jax.rl.learner import vocab_token_logprobs
+
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((70, 16)), jnp.float32)  # 70 rows: the plain-dot path of vocab_logits
+    w = jnp.asarray(rng.standard_normal((50, 16)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 50, 70), jnp.int32)
+    g = jnp.asarray(rng.standard_normal(70), jnp.float32)
+
+    def reference(h, w):
+        logp_all = jax.nn.log_softmax(h @ w.T / 0.7, axis=-1)
+        return (jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0],
+                -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1))
+
+    ours = vocab_token_logprobs(h, w, tokens, 0.7, jnp.float32)
+    for a, b in zip(ours, reference(h, w)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    grad_ours = jax.grad(lambda h, w: jnp.sum(vocab_token_logprobs(h, w, tokens, 0.7, jnp.float32)[0] * g), (0, 1))(h, w)
+    grad_ref = jax.grad(lambda h, w: jnp.sum(reference(h, w)[0] * g), (0, 1))(h, w)
+    for a, b in zip(grad_ours, grad_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bebop_jax.model.transformer import Transformer, TransformerConfig, scanned_hidden
+from bebop_jax.model.mtp import vocab_matrix
+from bebop_jax.model.transformer import Transformer, TransformerConfig, vocab_logits
 
 
 @flax.struct.dataclass
@@ -82,17 +83,55 @@ def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, num_groups: int, e
 def token_logprobs(params, cfg: TransformerConfig, tokens: jax.Array, temperature: float):
     """log pi(x_i | x_<i) at temperature T and the entropy of pi at i: tokens [B,L] -> ([B,L], [B,L]).
 
-    Index 0 has no prediction and gets 0.
+    Index 0 has no prediction and gets 0. The entropy carries no gradient (a metric, `vocab_token_logprobs`).
     """
     model = Transformer(cfg)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    hidden = scanned_hidden(cfg, params, tokens, positions)  # one layer in the program: a fast compile
-    logits = model.apply({"params": params}, hidden[:, :-1], method=Transformer.logits) / temperature  # [B,L-1,V]
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    logp = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    pad = jnp.zeros((tokens.shape[0], 1), jnp.float32)
-    return jnp.concatenate([pad, logp], axis=1), jnp.concatenate([pad, entropy], axis=1)
+    B, L = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), tokens.shape)
+    hidden, _ = model.apply({"params": params}, tokens, positions)
+    logp, entropy = vocab_token_logprobs(hidden[:, :-1].reshape(B * (L - 1), -1), vocab_matrix(cfg, params),
+                                         tokens[:, 1:].reshape(-1), temperature, cfg.compute_dtype)
+    pad = jnp.zeros((B, 1), jnp.float32)
+    return (jnp.concatenate([pad, logp.reshape(B, L - 1)], axis=1),
+            jnp.concatenate([pad, entropy.reshape(B, L - 1)], axis=1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def vocab_token_logprobs(hidden, w_vocab, tokens, temperature, compute_dtype):
+    """The LM head's log-probability of each token and the entropy, at temperature T, with a hand-written
+    gradient: hidden [N, D], w_vocab [V, D], tokens [N] int -> (log p(token) [N], entropy [N]) in float32.
+
+    Autodiff of log_softmax + take_along_axis materialised several [N, V] arrays and a scatter in the
+    backward pass; here it is one [N, V] pass, dz = (onehot(token) - p) g / T, and the two products with dz.
+    The entropy is returned without a gradient (its cotangent is ignored): the learner only reports it;
+    so is the temperature (a scalar, Python or traced).
+    """
+    return _vocab_token_logprobs_fwd(hidden, w_vocab, tokens, temperature, compute_dtype)[0]
+
+
+def _vocab_token_logprobs_fwd(hidden, w_vocab, tokens, temperature, compute_dtype):
+    z = vocab_logits(hidden, w_vocab, compute_dtype) / temperature  # [N, V] f32
+    m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    e = jnp.exp(z - m)
+    total = jnp.sum(e, axis=-1)
+    lse = m[:, 0] + jnp.log(total)
+    w_tokens = jnp.take(w_vocab, tokens, axis=0).astype(compute_dtype)  # [N, D]: z at the token, without reading z
+    z_token = jnp.sum(hidden.astype(jnp.float32) * w_tokens.astype(jnp.float32), axis=-1) / temperature
+    entropy = lse - jnp.sum(e * z, axis=-1) / total  # the same pass over z as the normaliser
+    return (z_token - lse, entropy), (hidden, w_vocab, tokens, temperature, z, lse)
+
+
+def _vocab_token_logprobs_bwd(compute_dtype, residuals, cotangents):
+    hidden, w_vocab, tokens, temperature, z, lse = residuals
+    g_logp, _ = cotangents
+    onehot = jnp.arange(z.shape[-1])[None, :] == tokens[:, None]
+    dz = ((onehot - jnp.exp(z - lse[:, None])) * (g_logp / temperature)[:, None]).astype(compute_dtype)  # [N, V]
+    d_hidden = jnp.einsum("NV,VD->ND", dz, w_vocab.astype(compute_dtype), preferred_element_type=jnp.float32)
+    d_w = jnp.einsum("NV,ND->VD", dz, hidden.astype(compute_dtype), preferred_element_type=jnp.float32)
+    return d_hidden.astype(hidden.dtype), d_w.astype(w_vocab.dtype), None, None
+
+
+vocab_token_logprobs.defvjp(_vocab_token_logprobs_fwd, _vocab_token_logprobs_bwd)
 
 
 def ppo_loss(logp, logp_prox, logp_behaviour, advantages, mask, settings: LearnerSettings, logp_ref=None):
