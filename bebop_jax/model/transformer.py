@@ -308,8 +308,8 @@ def linear(x, w, compute_dtype=jnp.float32):
     """x [..., I] and a weight stored [O, I] (as checkpoints store it) -> x W^T [..., O] in compute_dtype.
 
     On XLA:CPU a dot of a few rows against a [I, O] matrix, or against [O, I] contracted as x W^T, runs
-    at 2-3x the time of reading W (`benchmarks/few_row_linear.py`: 20.2 ms at 4 rows where 1 row takes
-    7.8); written as (W x^T)^T, one dot with W on the left, it reads W at memory speed (10.1 ms). The
+    at 2-3x the time of reading W (`benchmarks/few_row_linear.py`: 20.6 ms at 4 rows where 1 row takes
+    7.7); written as (W x^T)^T, one dot with W on the left, it reads W near memory speed (9.7 ms). The
     optimization barrier keeps XLA from folding the transpose back into the dot, which would swap the
     operands again. Other row counts use the plain dot, on CPU over x flattened to [rows, I] (its gradient
     ran 16% faster than with [B, T, I]); other platforms (`placement.platform()`) take the einsum as written.
