@@ -82,20 +82,21 @@ class RunCheckpoints:
         numpy leaves of `like` come back as numpy (uncommitted: a jitted step that took fresh, uncommitted
         arrays reuses its compilation), jax.Array leaves with their sharding, keys as keys.
         """
-        if self.read_meta(step).get("weight_layout") != WEIGHT_LAYOUT:
+        meta = self.read_meta(step)
+        if meta.get("weight_layout") != WEIGHT_LAYOUT:
             raise weights_lib.WeightsError(
                 f"checkpoint {self.directory}/{step} holds [in, out] weight matrices (written by bebop-jax before "
                 "matrices were stored [out, in]) and cannot be resumed; its heads still load (`--mtp` / "
                 "`load_mtp_heads` convert them): export them with `bebop export --heads-only` and start a new run")
         abstract = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else ocp.utils.to_shape_dtype_struct(
             jax.random.key_data(x) if _is_key(x) else x), like)
-        items = dict(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        items = dict(state=ocp.args.StandardRestore(abstract))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         state = jax.tree.map(lambda x, raw: jax.random.wrap_key_data(raw, impl=jax.random.key_impl(x))
                              if _is_key(x) else raw, like, out["state"])
-        return state, out["meta"]
+        return state, meta
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -1,6 +1,6 @@
 """Token distributions from logits: temperature, top-p, sampling, and per-token statistics.
 
-`probs_from_logits` is the one definition of "the policy's distribution" used everywhere: plain
+`distribution` is the one definition of "the policy's distribution" used everywhere: plain
 sampling draws from it, speculative verification compares against it, RL records its log-probs.
 Temperature 0 means greedy: a one-hot distribution at the argmax. The temperature may be a Python
 float or a traced scalar (so one compiled rollout serves every temperature); greedy decoding is
@@ -9,6 +9,7 @@ chosen by a Python 0.0 only, since it changes the program.
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -32,25 +33,57 @@ def is_greedy(temperature) -> bool:
     return isinstance(temperature, (int, float)) and temperature == 0.0
 
 
+@flax.struct.dataclass
+class Distribution:
+    """The sampling distribution of logits [..., V] and its per-row statistics (`distribution`)."""
+
+    probs: jax.Array  # [..., V] f32, zero outside the top-p nucleus (one-hot at temperature 0)
+    log_norm: jax.Array  # [...] f32: log p(v) = logits[v] / T - log_norm for every v in the support
+    entropy: jax.Array  # [...] f32 entropy of p (nats)
+
+
+def distribution(logits: jax.Array, temperature, top_p: float = 1.0) -> Distribution:
+    """logits [..., V] -> the sampling distribution: softmax(logits / T) within the top-p nucleus.
+
+    One exponential pass over V gives the probabilities, the log-normaliser and the entropy together
+    (a verify step's [B, K+1, V] target distributions and the log-probs RL records).
+    At temperature 0 the probabilities are one-hot at the argmax and the statistics are those at T=1
+    (the greedy policy's own distribution is one-hot).
+    """
+    t = 1.0 if is_greedy(temperature) else temperature
+    z = logits.astype(jnp.float32) / t
+    z_max = jnp.max(z, axis=-1, keepdims=True)
+    shifted = z - z_max
+    e = jnp.exp(shifted)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    probs = e / total
+    log_norm = z_max + jnp.log(total)
+    # -sum p log p with log p = shifted - log(total); terms of p = 0 (logits of -inf) add nothing
+    entropy = jnp.log(total) - jnp.sum(jnp.where(e > 0, probs * shifted, 0.0), axis=-1, keepdims=True)
+    if top_p < 1.0:
+        kept = _top_p_filter(probs, top_p)
+        mass = jnp.sum(kept, axis=-1, keepdims=True)
+        probs = kept / mass
+        log_norm = log_norm + jnp.log(mass)
+        entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0),
+                           axis=-1, keepdims=True)
+    if is_greedy(temperature):
+        probs = jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1], dtype=jnp.float32)
+    return Distribution(probs=probs, log_norm=log_norm[..., 0], entropy=entropy[..., 0])
+
+
 def probs_from_logits(logits: jax.Array, temperature, top_p: float = 1.0) -> jax.Array:
     """logits [..., V] -> probabilities [..., V] (float32) at `temperature` within the top-p nucleus."""
-    logits = logits.astype(jnp.float32)
-    if is_greedy(temperature):
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-    probs = jax.nn.softmax(logits / temperature, axis=-1)
-    if top_p < 1.0:
-        probs = _top_p_filter(probs, top_p)
-    return probs
+    return distribution(logits, temperature, top_p).probs
 
 
 def _top_p_filter(probs: jax.Array, top_p: float) -> jax.Array:
-    """Keeps the smallest set of most likely tokens whose mass reaches top_p, renormalised."""
+    """probs [..., V] -> the smallest set of most likely tokens whose mass reaches top_p (not renormalised)."""
     sorted_probs = -jnp.sort(-probs, axis=-1)  # [..., V] descending
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
     kept = jnp.where(mass_before < top_p, sorted_probs, jnp.inf)
     threshold = jnp.min(kept, axis=-1, keepdims=True)  # smallest kept probability
-    filtered = jnp.where(probs >= threshold, probs, 0.0)
-    return filtered / jnp.sum(filtered, axis=-1, keepdims=True)
+    return jnp.where(probs >= threshold, probs, 0.0)
 
 
 def sample(key: jax.Array, logits: jax.Array, temperature: float, top_p: float = 1.0) -> jax.Array:
@@ -58,10 +91,7 @@ def sample(key: jax.Array, logits: jax.Array, temperature: float, top_p: float =
     axis (`categorical`)."""
     if is_greedy(temperature):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if top_p < 1.0:
-        return categorical(key, probs_from_logits(logits, temperature, top_p))
-    z = logits.astype(jnp.float32) / temperature
-    return categorical(key, jnp.exp(z - jnp.max(z, axis=-1, keepdims=True)))
+    return categorical(key, probs_from_logits(logits, temperature, top_p))
 
 
 def _last_positive(w: jax.Array) -> jax.Array:
@@ -93,23 +123,12 @@ def categorical(key: jax.Array, weights: jax.Array, block: int = 256) -> jax.Arr
     return (b * block + j).astype(jnp.int32).reshape(lead)
 
 
-def token_logprob_and_entropy(logits: jax.Array, tokens: jax.Array, temperature: float,
-                              top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """log p(token) and the entropy of p (nats), p = the sampling distribution (`probs_from_logits`:
-    softmax(logits / T) within the top-p nucleus); logits [..., V], tokens [...].
-
-    At temperature 0 both are taken at T=1 (the greedy policy's own distribution is one-hot).
-    """
+def token_logprob(logits: jax.Array, tokens: jax.Array, temperature, log_norm: jax.Array) -> jax.Array:
+    """log p(token) under `distribution(logits, temperature, ...)` whose log-normaliser is log_norm [...];
+    logits [..., V], tokens [...] (in the distribution's support, as every sampled or accepted token is)."""
     t = 1.0 if is_greedy(temperature) else temperature
-    if top_p < 1.0:
-        p = probs_from_logits(logits, t, top_p)
-        logp = jnp.log(p)  # -inf outside the nucleus, where p = 0 contributes 0 to the entropy
-        entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
-    else:
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
-        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    token_logp = jnp.take_along_axis(logp, jnp.maximum(tokens, 0)[..., None], axis=-1)[..., 0]
-    return token_logp, entropy
+    z_token = jnp.take_along_axis(logits, jnp.maximum(tokens, 0)[..., None], axis=-1)[..., 0]
+    return z_token.astype(jnp.float32) / t - log_norm
 
 
 def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:

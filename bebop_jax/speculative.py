@@ -106,8 +106,10 @@ def prefill(params, mtp_params, tokens, lengths, key, temperature, *, cfg, mtp_c
     rows = jnp.arange(B)
     last_logits = logits(params, hidden[rows, lengths - 1])  # [B, V]
     key, sub = sampling.split_rows(sampling.sequence_keys(key, B) if key.ndim == 0 else key, 2)
-    first = sampling.sample(sub, last_logits, temperature, top_p)  # [B]
-    logp, ent = sampling.token_logprob_and_entropy(last_logits, first, temperature, top_p)
+    first_dist = sampling.distribution(last_logits, temperature, top_p)
+    first = sampling.categorical(sub, first_dist.probs)  # [B]
+    logp = sampling.token_logprob(last_logits, first, temperature, first_dist.log_norm)
+    ent = first_dist.entropy
     if mtp_cfg is not None and num_draft > 0:
         nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((B, 1), jnp.int32)], axis=1).at[rows, lengths - 1].set(first)
         h1, mtp_cache = _mtp_refresh(mtp_step, params, mtp_params, embed, mtp_cfg, nxt, hidden, positions + 1,
@@ -193,14 +195,14 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, *, cfg
         positions = s.position[:, None] + jnp.arange(R, dtype=jnp.int32)  # [B, R]
         hidden, trunk_cache = forward(params, verify_in, positions, s.trunk_cache)  # [B, R, D]
         target_logits = logits(params, hidden)  # [B, R, V]
-        target_probs = sampling.probs_from_logits(target_logits, temperature, top_p)
+        target = sampling.distribution(target_logits, temperature, top_p)  # probs, log-normalisers, entropies
         if K > 0:
             out, n_out = jax.lax.switch(rule, [functools.partial(rejection_sample, mode=m, implementation=sampler,
                                                                  validate=False, partition=sharding.kernel_partition())
                                                for m in RULES],
-                                        drafts, draft_probs, target_probs, k_verify)
+                                        drafts, draft_probs, target.probs, k_verify)
         else:
-            out = sampling.sample(k_verify, target_logits, temperature, top_p)  # [B, 1]
+            out = sampling.categorical(k_verify, target.probs)  # [B, 1]
             n_out = jnp.ones((B,), jnp.int32)
         j = jnp.arange(R)[None, :]  # [1, R]
         emitted = j < n_out[:, None]
@@ -209,7 +211,8 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, *, cfg
         count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, n_out)
         count = jnp.minimum(count, N - s.num_tokens)
         count = jnp.where(s.done, 0, count)  # [B] tokens this step adds
-        logp, ent = sampling.token_logprob_and_entropy(target_logits, out, temperature, top_p)  # [B, R]
+        logp = sampling.token_logprob(target_logits, out, temperature, target.log_norm)  # [B, R]
+        ent = target.entropy
         write = jnp.where(j < count[:, None], s.num_tokens[:, None] + j, width)  # out of range -> dropped
         tokens = s.tokens.at[rows[:, None], write].set(out, mode="drop")
         logprobs = s.logprobs.at[rows[:, None], write].set(logp, mode="drop")

@@ -113,26 +113,35 @@ def hidden_cache(model: LoadedModel, rows: data_lib.Rows, cache_dir: str, batch_
         return _read(path)
     os.makedirs(cache_dir, exist_ok=True)
     (i, n), batches = part, length_batches(rows, batch_size, multiple)
-    tmp = f"{path}.{jax.process_index()}.tmp"
-    _fill_hidden(model, rows, tmp, batches[i::n], progress)
+    tmp = lambda j: f"{path}.{j}.tmp"  # noqa: E731
+    _fill_hidden(model, rows, tmp(jax.process_index()), batches[i::n], progress)
+    _gather_parts(path, tmp, batches, part, "hidden cache")
+    return _read(path)
+
+
+def _gather_parts(path: str, tmp, batches: list, part: tuple[int, int], name: str) -> None:
+    """Makes `path` of the parts that processes 0..n-1 of `part` = (i, n) wrote into the .npy files `tmp(j)`
+    (process j its batches[j::n] of `length_batches`): process 0 copies the others' batches into its own
+    file and renames it; every process waits for that (bounded barriers, named by `name`). With n = 1
+    (a cache_dir of each process's own) every process renames its own file `tmp(process index)`."""
+    i, n = part
+    own = tmp(jax.process_index())
     if n > 1:
-        barrier("pretrain-mtp hidden cache parts", timeout_s=24 * 3600.0)
+        barrier(f"pretrain-mtp {name} parts", timeout_s=24 * 3600.0)
         if i == 0:
-            out = np.load(tmp, mmap_mode="r+")
+            out = np.load(own, mmap_mode="r+")
             for j in range(1, n):
-                other = f"{path}.{j}.tmp"
-                src = np.load(other, mmap_mode="r")
+                src = np.load(tmp(j), mmap_mode="r")
                 for idx, L in batches[j::n]:
                     out[idx, :L] = src[idx, :L]
                 del src
-                os.remove(other)
+                os.remove(tmp(j))
             out.flush()
             del out
     if i == 0:
-        os.replace(tmp, path)
+        os.replace(own, path)
     if n > 1:
-        barrier("pretrain-mtp hidden cache", timeout_s=3600.0)
-    return _read(path)
+        barrier(f"pretrain-mtp {name}", timeout_s=3600.0)
 
 
 @functools.partial(jax.jit, static_argnames=("temperature",))
@@ -155,22 +164,9 @@ def target_logz_cache(hidden: np.ndarray, rows: data_lib.Rows, w_vocab, temperat
     out = np.zeros(hidden.shape[:2], np.float32)
     for idx, L in tqdm(batches[i::n], desc="target log-normalisers", disable=not progress):
         out[idx, :L] = full_logz(np.asarray(hidden[idx, :L]), w_vocab, temperature=temperature)
-    tmp = f"{path}.{jax.process_index()}.tmp.npy"
-    np.save(tmp, out)
-    if n > 1:
-        barrier("pretrain-mtp log-normaliser parts", timeout_s=24 * 3600.0)
-        if i == 0:
-            for j in range(1, n):
-                other = f"{path}.{j}.tmp.npy"
-                src = np.load(other)
-                for idx, L in batches[j::n]:
-                    out[idx, :L] = src[idx, :L]
-                os.remove(other)
-            np.save(tmp, out)
-    if i == 0:
-        os.replace(tmp, path)
-    if n > 1:
-        barrier("pretrain-mtp log-normalisers", timeout_s=3600.0)
+    tmp = lambda j: f"{path}.{j}.tmp.npy"  # noqa: E731
+    np.save(tmp(jax.process_index()), out)
+    _gather_parts(path, tmp, batches, part, "log-normalisers")
     return np.load(path)
 
 

@@ -5,11 +5,12 @@
 Times, each jitted on its own at the engine's shapes (a real prefilled state of math prompts, the
 heads' own draft vocabulary), the parts of one step of `speculative.decode`:
   plain step     trunk forward of 1 token + full LM head + sampling (what `mode=none` does per token)
-  verify         trunk forward of K+1 tokens + full LM head + softmax (the target distributions)
+  verify         trunk forward of K+1 tokens + full LM head + the target distributions with their
+                 log-normalisers and entropies (`sampling.distribution`, one pass over V)
   draft          K MTP steps + the draft LM head + sampling (`speculative._draft`)
   rejection      `rejection_sample` (noise, acceptance tests, residual races over V)
   refresh        MTP step 1 over the K+1 accepted positions (`speculative._mtp_refresh`)
-  token stats    log p and entropy of the K+1 target distributions
+  token stats    log p of the emitted tokens (a gather and the log-normalisers)
 and the whole engine per step (a `decode` run of --max-new-tokens, divided by its verify steps),
 so "loop" = engine step - sum of parts is the while-loop's own bookkeeping. Ratios to the plain
 step are what matter on a shared machine; the engine's speed-up is tokens per verify step x (plain
@@ -60,14 +61,14 @@ def step_costs(model, mtp_cfg, mtp_params, draft_ids, batch: int, num_draft: int
     @jax.jit
     def plain_step(params, cache):
         hidden, cache = forward(params, state.tokens[:, :1], state.position[:, None], cache)
-        lg = logits(params, hidden)
-        return sampling.sample(key, lg, temp), sampling.token_logprob_and_entropy(lg, state.tokens[:, :1], temp), cache
+        dist = sampling.distribution(logits(params, hidden), temp)  # as the engine's mode='none' step
+        return sampling.categorical(key, dist.probs), dist.log_norm, dist.entropy, cache
 
     @jax.jit
     def verify(params, cache):
         hidden, cache = forward(params, jnp.zeros((batch, R), jnp.int32), positions, cache)
         lg = logits(params, hidden)
-        return hidden, lg, sampling.probs_from_logits(lg, temp), cache
+        return hidden, lg, sampling.distribution(lg, temp), cache
 
     @jax.jit
     def draft(params, mtp_params, s, ids):
@@ -82,18 +83,18 @@ def step_costs(model, mtp_cfg, mtp_params, draft_ids, batch: int, num_draft: int
         return speculative._mtp_refresh(mtp_step, params, mtp_params, embed, mtp_cfg, out, hidden, positions + 1, cache)
 
     drafts, draft_probs, _ = draft(params, mtp_params, state, ids)
-    hidden, target_logits, target_probs, _ = verify(params, state.trunk_cache)
+    hidden, target_logits, target, _ = verify(params, state.trunk_cache)
     reject = jax.jit(functools.partial(rejection_sample, mode="rejection", validate=False))
-    out, _ = reject(drafts, draft_probs, target_probs, key)
-    stats = jax.jit(lambda lg, toks: sampling.token_logprob_and_entropy(lg, toks, temp))
+    out, _ = reject(drafts, draft_probs, target.probs, key)
+    stats = jax.jit(lambda lg, toks, log_norm: sampling.token_logprob(lg, toks, temp, log_norm))
 
     parts = {
         "plain step": median_seconds(lambda: plain_step(params, state.trunk_cache), repeats),
         "verify": median_seconds(lambda: verify(params, state.trunk_cache), repeats),
         "draft": median_seconds(lambda: draft(params, mtp_params, state, ids), repeats),
-        "rejection": median_seconds(lambda: reject(drafts, draft_probs, target_probs, key), repeats),
+        "rejection": median_seconds(lambda: reject(drafts, draft_probs, target.probs, key), repeats),
         "refresh": median_seconds(lambda: refresh(params, mtp_params, out, hidden, state.mtp_cache), repeats),
-        "token stats": median_seconds(lambda: stats(target_logits, out), repeats),
+        "token stats": median_seconds(lambda: stats(target_logits, out, target.log_norm), repeats),
     }
     engine, tokens_per_step = {}, {}
     for name, k, rule in (("plain engine", 0, None), ("spec engine", K, 0)):

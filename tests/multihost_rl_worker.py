@@ -1,5 +1,5 @@
 """One process of the multi-process RL tests: `python -m tests.multihost_rl_worker PROCESS_ID NUM_PROCESSES PORT
-TINY_DIR RUN_DIR LOOP STEPS`.
+TINY_DIR RUN_DIR LOOP STEPS [OVERRIDE ...]`.
 
 Every process runs `train_rl` on the tiny chat model with the DigitsEnv over one mesh of all devices of all
 processes (fsdp=2 x tensor=2 on 4 devices: 2 processes x 2, 4 x 1, or 1 x 4 as the reference). Process
@@ -24,10 +24,11 @@ def config(tiny_dir: str, run_dir: str, loop: str, steps: int, *mesh: str):
                               "rl.checkpoint_every=2", "mesh.fsdp=2", "mesh.tensor=2", *mesh])
 
 
-def main(process_id: str, num_processes: str, port: str, tiny_dir: str, run_dir: str, loop: str, steps: str) -> None:
+def main(process_id: str, num_processes: str, port: str, tiny_dir: str, run_dir: str, loop: str, steps: str,
+         *overrides: str) -> None:
     mesh = [] if num_processes == "1" else [f"mesh.coordinator_address=127.0.0.1:{port}",
                                             f"mesh.num_processes={num_processes}", f"mesh.process_id={process_id}"]
-    cfg = config(tiny_dir, run_dir, loop, int(steps), *mesh)
+    cfg = config(tiny_dir, run_dir, loop, int(steps), *mesh, *overrides)
     distributed.initialize(cfg.mesh)
     import jax
 
@@ -57,7 +58,8 @@ def main(process_id: str, num_processes: str, port: str, tiny_dir: str, run_dir:
     summary = train_rl(cfg, model=model, env=DigitsEnv(), progress=False)
     history = read_history(run_dir)
     result = {"process": jax.process_index(), "devices": jax.device_count(), "summary": summary, "loading": loading,
-              "losses": [h["loss"] for h in history], "rewards": [h["reward"] for h in history]}
+              "losses": [h["loss"] for h in history], "rewards": [h["reward"] for h in history],
+              "mtp_losses": [h.get("mtp_loss") for h in history]}
     with open(os.path.join(run_dir, f"process{process_id}.json"), "w") as f:
         json.dump(result, f)
 

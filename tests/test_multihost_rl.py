@@ -23,12 +23,12 @@ from tests.test_multihost import collect, free_port, wait_all
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start(num_processes: int, tiny_dir: str, run_dir, loop: str, steps: int) -> list[subprocess.Popen]:
+def start(num_processes: int, tiny_dir: str, run_dir, loop: str, steps: int, *overrides: str) -> list[subprocess.Popen]:
     devices = 4 // num_processes
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     port = str(free_port())
     return [subprocess.Popen([sys.executable, "-m", "tests.multihost_rl_worker", str(i), str(num_processes), port,
-                              tiny_dir, str(run_dir), loop, str(steps)], cwd=REPO, env=env,
+                              tiny_dir, str(run_dir), loop, str(steps), *overrides], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for i in range(num_processes)]
 
@@ -51,13 +51,14 @@ def wait_for(condition, timeout: float = 300.0) -> None:
         time.sleep(0.5)
 
 
-def final_params(run_dir) -> list[np.ndarray]:
+def final_params(run_dir, part: str = "learner") -> list[np.ndarray]:
+    """The leaves of the last checkpoint's `part` params: the trunk ("learner") or the heads ("mtp")."""
     ckpt = RunCheckpoints(str(run_dir))
     state, _ = ckpt.restore_raw(ckpt.latest_step())
     ckpt.close()
     import jax
 
-    return [np.asarray(x) for x in jax.tree.leaves(state["learner"]["params"])]
+    return [np.asarray(x) for x in jax.tree.leaves(state[part]["params"])]
 
 
 @pytest.mark.parametrize("num_processes", [2, 4])
@@ -77,6 +78,31 @@ def test_sync_steps_on_several_processes_equal_one_process(tiny_dir, tmp_path, n
     steps = [h["step"] for h in read_history(str(tmp_path / "many"))]
     with open(tmp_path / "many/metrics.jsonl") as f:
         assert len(f.readlines()) == len(steps) == 2  # one writer: no step logged twice
+
+
+def test_online_tv_heads_on_two_processes_equal_one_process(tiny_dir, tmp_path):
+    """rl.mtp_strategy=online-tv: speculative rollouts with heads updated by a TV step per batch, on the
+    learner's mesh across 2 processes x 2 devices, equal the same run on 1 process x 4 devices."""
+    import jax
+
+    from bebop_jax.checkpoint import save_heads_file
+    from bebop_jax.model import load_model
+    from bebop_jax.model.mtp import MTPConfig, init_mtp_params
+
+    trunk, mtp = load_model(tiny_dir).cfg, MTPConfig(2, 1)
+    heads = str(tmp_path / "heads.safetensors")
+    save_heads_file(heads, trunk, mtp, init_mtp_params(trunk, mtp, jax.random.key(0)), None, "tiny")
+    online = ("speculative.mode=rejection", f"speculative.mtp_checkpoint={heads}", "speculative.num_draft=2",
+              "rl.mtp_strategy=online-tv", "rl.mtp_learning_rate=1e-2")
+    ref = finish(start(1, tiny_dir, tmp_path / "one", "sync", 2, *online), tmp_path / "one")[0]
+    got = finish(start(2, tiny_dir, tmp_path / "two", "sync", 2, *online), tmp_path / "two")
+    assert len(ref["mtp_losses"]) == 2 and all(m is not None for m in ref["mtp_losses"])
+    for g in got:
+        np.testing.assert_allclose(g["mtp_losses"], ref["mtp_losses"], atol=1e-5)
+        np.testing.assert_allclose(g["losses"], ref["losses"], atol=1e-5)
+        assert g["rewards"] == ref["rewards"]
+    for a, b in zip(final_params(tmp_path / "two", "mtp"), final_params(tmp_path / "one", "mtp")):
+        np.testing.assert_allclose(a, b, atol=1e-4)  # the heads' TV steps agree too, not only the trunk's
 
 
 def test_async_on_two_processes_survives_kill_9_and_stops_together_on_sigterm(tiny_dir, tmp_path):

@@ -120,19 +120,21 @@ def test_learner_step_without_prox_logprobs_is_the_step_with_them(tiny):
     assert abs(float(m2["behaviour_kl"]) + 0.1) < 1e-5  # the step's own log-probs stand in for pi_prox
 
 
-def test_vocab_token_logprobs_values_and_gradient_equal_autodiff_of_log_softmax():
-    """The hand-written LM-head gradient (learner.vocab_token_logprobs) is autodiff's, at T != 1."""
+@pytest.mark.parametrize("rows", [(70,), (5, 14)])
+def test_vocab_token_logprobs_values_and_gradient_equal_autodiff_of_log_softmax(rows):
+    """The hand-written LM-head gradient (learner.vocab_token_logprobs) is autodiff's, at T != 1, over flat
+    rows (the CPU path: 70 rows take vocab_logits' plain dot) and over [B, L] rows (the TPU path)."""
     from bebop_jax.rl.learner import vocab_token_logprobs
 
     rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.standard_normal((70, 16)), jnp.float32)  # 70 rows: the plain-dot path of vocab_logits
+    h = jnp.asarray(rng.standard_normal((*rows, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((50, 16)), jnp.float32)
-    tokens = jnp.asarray(rng.integers(0, 50, 70), jnp.int32)
-    g = jnp.asarray(rng.standard_normal(70), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 50, rows), jnp.int32)
+    g = jnp.asarray(rng.standard_normal(rows), jnp.float32)
 
     def reference(h, w):
         logp_all = jax.nn.log_softmax(h @ w.T / 0.7, axis=-1)
-        return (jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0],
+        return (jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0],
                 -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1))
 
     ours = vocab_token_logprobs(h, w, tokens, 0.7, jnp.float32)

@@ -52,8 +52,37 @@ def test_recorded_logprobs_and_entropy_are_those_of_the_top_p_distribution():
     logits = jnp.asarray([[3.0, 2.0, 1.0, -1.0, -2.0]])
     p = np.asarray(sampling.probs_from_logits(logits, 1.0, 0.8))[0]
     assert (p > 0).sum() == 2  # the nucleus: the two most likely tokens
-    logp, ent = sampling.token_logprob_and_entropy(logits, jnp.asarray([1]), 1.0, top_p=0.8)
+    nucleus, full = sampling.distribution(logits, 1.0, top_p=0.8), sampling.distribution(logits, 1.0)
+    logp = sampling.token_logprob(logits, jnp.asarray([1]), 1.0, nucleus.log_norm)
     np.testing.assert_allclose(float(logp[0]), np.log(p[1]), rtol=1e-6)
-    np.testing.assert_allclose(float(ent[0]), -np.sum(p[p > 0] * np.log(p[p > 0])), rtol=1e-6)
-    full_logp, _ = sampling.token_logprob_and_entropy(logits, jnp.asarray([1]), 1.0)
+    np.testing.assert_allclose(float(nucleus.entropy[0]), -np.sum(p[p > 0] * np.log(p[p > 0])), rtol=1e-6)
+    full_logp = sampling.token_logprob(logits, jnp.asarray([1]), 1.0, full.log_norm)
     assert float(logp[0]) > float(full_logp[0]) + 0.1  # renormalised: more likely than under the full softmax
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_distribution_statistics_equal_a_float64_log_softmax(temperature, top_p):
+    """The one-pass probabilities, log-normaliser and entropy equal their float64 definitions (at T=0:
+    one-hot probabilities, statistics at T=1); token log-probs follow from the log-normaliser."""
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((3, 4, 700)) * 4).astype(np.float32)
+    t = temperature or 1.0
+    z = logits.astype(np.float64) / t
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if top_p < 1.0:  # the nucleus: the most likely tokens whose mass before them is < top_p
+        order = np.argsort(-p, axis=-1)
+        before = np.cumsum(np.take_along_axis(p, order, -1), -1) - np.take_along_axis(p, order, -1)
+        keep = np.zeros_like(p, bool)
+        np.put_along_axis(keep, order, before < top_p, -1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    dist = sampling.distribution(jnp.asarray(logits), temperature, top_p)
+    support = p > 0
+    entropy = -np.sum(np.where(support, p * np.log(np.where(support, p, 1.0)), 0.0), -1)
+    np.testing.assert_allclose(np.asarray(dist.entropy), entropy, atol=2e-5)
+    want_probs = np.eye(700)[logits.argmax(-1)] if temperature == 0.0 else p
+    np.testing.assert_allclose(np.asarray(dist.probs), want_probs, atol=1e-6)
+    tokens = p.argmax(-1)  # in the support
+    logp = np.asarray(sampling.token_logprob(jnp.asarray(logits), jnp.asarray(tokens), temperature, dist.log_norm))
+    np.testing.assert_allclose(logp, np.log(np.take_along_axis(p, tokens[..., None], -1)[..., 0]), atol=2e-5)

@@ -106,20 +106,6 @@ def test_params_carry_logical_axes(hf_tiny):
     assert shapes == jax.tree.map(lambda a: a.shape, load_model(path).params)
 
 
-@pytest.mark.parametrize("shape", [(1,), (1, 4), (3, 5), (40,), (2, 3, 7)])
-def test_vocab_logits_equal_the_plain_product_on_every_path(shape):
-    """1 and 40 rows take the dot, 2..32 rows the multiply-reduce form (on CPU): both are h W^T."""
-    from bebop_jax.model.transformer import vocab_logits
-
-    rng = np.random.default_rng(0)
-    h = rng.standard_normal((*shape, 24)).astype(np.float32)
-    w = rng.standard_normal((50, 24)).astype(np.float32)
-    got = np.asarray(jax.jit(vocab_logits)(h, w))
-    want = np.einsum("...d,vd->...v", h.astype(np.float64), w.astype(np.float64))
-    assert got.shape == (*shape, 50) and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
 def test_vocab_logits_takes_the_reduce_form_for_few_rows_on_cpu():
     from bebop_jax.model.transformer import FEW_ROWS, vocab_logits
 
@@ -129,19 +115,22 @@ def test_vocab_logits_takes_the_reduce_form_for_few_rows_on_cpu():
         assert ("dot_general" in jaxpr) == dot and ("reduce_sum" in jaxpr) != dot, rows
 
 
+@pytest.mark.parametrize("fn", ["linear", "vocab_logits"])
 @pytest.mark.parametrize("shape", [(1,), (1, 4), (3, 5), (70,), (2, 3, 7)])
-def test_linear_equals_the_plain_product_on_every_path(shape):
-    """x W^T for W stored [out, in], on the weight-on-the-left path (2..64 rows on CPU) and the plain dot."""
-    from bebop_jax.model.transformer import linear
+def test_few_row_products_equal_the_plain_product_on_every_path(fn, shape):
+    """x W^T for W stored [out, in], values and gradient, on every CPU path: `linear`'s weight-on-the-left
+    dot (2..64 rows) and `vocab_logits`' multiply-reduce (2..32 rows), and the plain dot elsewhere."""
+    from bebop_jax.model import transformer
 
+    product = getattr(transformer, fn)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((*shape, 24)).astype(np.float32)
     w = rng.standard_normal((40, 24)).astype(np.float32)
-    got = np.asarray(jax.jit(linear)(x, w))
+    got = np.asarray(jax.jit(product)(x, w))
     want = np.einsum("...i,oi->...o", x.astype(np.float64), w.astype(np.float64))
     assert got.shape == (*shape, 40) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    grad = jax.grad(lambda w_: jnp.sum(jnp.sin(linear(x, w_))))(w)  # the barrier has a gradient
+    grad = jax.grad(lambda w_: jnp.sum(jnp.sin(product(x, w_))))(w)  # the barrier has a gradient
     want_grad = np.einsum("ro,ri->oi", np.cos(want).reshape(-1, 40), x.reshape(-1, 24).astype(np.float64))
     np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-4, atol=1e-4)
 

@@ -126,9 +126,6 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
         mtp_cfg = dataclasses.replace(mtp_cfg, num_steps=max(mtp_cfg.num_steps, spec.num_draft))
     if rl.mtp_strategy != "frozen" and mtp_params is None:
         raise ValueError(f"rl.mtp_strategy={rl.mtp_strategy} needs MTP heads (speculative.mtp_checkpoint)")
-    if rl.mtp_strategy != "frozen" and jax.process_count() > 1:
-        raise ValueError(f"rl.mtp_strategy={rl.mtp_strategy} runs on one process; on {jax.process_count()} use "
-                         "the default, frozen heads")
     heads_sh = lambda mesh, rules: sharding.logical_to_sharding(  # noqa: E731
         sharding.abstract_heads(model.cfg, mtp_cfg), mesh, rules)
     actor_params_sh = sharding.param_shardings(model.cfg, actor_mesh, actor_rules)
@@ -150,8 +147,8 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     state = place_learner(params, settings, state_sh)
     updater = None
     if rl.mtp_strategy != "frozen":
-        updater = OnlineMTPUpdater(model, mtp_cfg, jax.device_put(mtp_params, heads_sh(learner_mesh, learner_rules)),
-                              rl.mtp_strategy, rl.mtp_learning_rate, actor.length, draft_ids)
+        updater = OnlineMTPUpdater(model, mtp_cfg, mtp_params, rl.mtp_strategy, rl.mtp_learning_rate, actor.length,
+                                   heads_sh(learner_mesh, learner_rules), draft_ids)
 
     os.makedirs(rl.run_dir, exist_ok=True)
     distributed.check_shared_dir(rl.run_dir, "rl.run_dir")  # one checkpoint, written by all processes
@@ -262,7 +259,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                 extra = {}
                 if updater is not None:
                     with sharding.use_mesh(learner_mesh, learner_rules):
-                        extra = updater.update(state.params, traj)
+                        extra = updater.update(state.params, batch.tokens, batch.loss_mask)
                 state, lm = update(state, batch, None, logp_ref)  # one update per batch: pi_prox = the state's policy
                 lm = {k: float(v) for k, v in jax.device_get(lm).items()}
                 if not np.isfinite(lm["loss"]):

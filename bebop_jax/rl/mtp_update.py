@@ -5,34 +5,52 @@ current trunk states and matrices (`pretrain_mtp.train_step`).
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import functools
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bebop_jax import sharding
 from bebop_jax.model import LoadedModel
 
 
+def _online_step(state, trunk, tokens, completion, *, cfg, mtp, settings, draft_ids):
+    """One heads step on a trajectory batch: tokens / completion [R, L] (the learner's global arrays)."""
+    from bebop_jax.pretrain_mtp import frozen_inputs, train_step, with_trunk_hidden
+
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    segments = jnp.ones_like(tokens)  # one sequence per row (0 would mark every position as padding)
+    batch = with_trunk_hidden(trunk, dict(tokens=tokens, positions=positions, segment_ids=segments,
+                                          completion=completion), cfg, settings.temperature, draft_ids is not None)
+    frozen = frozen_inputs(cfg, trunk, draft_ids)  # the policy's current matrices
+    return train_step(state, frozen, batch, cfg=cfg, mtp=mtp, settings=settings)
+
+
 class OnlineMTPUpdater:
-    """Online MTP strategies: one CE or TV step of the heads per RL batch, on the batch's own tokens."""
+    """Online MTP strategies: one CE or TV step of the heads per RL batch, on the batch's own tokens.
+
+    The heads and their AdamW moments live on the learner's mesh (`heads_shardings`), and each update is
+    one jitted program over the learner's global arrays, so it runs alike on one process or on many.
+    """
 
     def __init__(self, model: LoadedModel, mtp_cfg, mtp_params, strategy: str, learning_rate: float, length: int,
-                 draft_ids=None):
+                 heads_shardings, draft_ids=None):
         from bebop_jax.pretrain_mtp import StepSettings, TrainState
 
-        self.model, self.mtp_cfg, self.draft_ids = model, mtp_cfg, draft_ids
         self.settings = StepSettings(loss="ce" if strategy == "online-ce" else "tv", temperature=1.0,
                                      num_origins=length, learning_rate=learning_rate, warmup_steps=0, steps=10**9,
                                      weight_decay=0.0, grad_clip=1.0)
-        self.state = TrainState(jnp.int32(0), mtp_params, self.settings.optimizer().init(mtp_params))
+        params = sharding.put_global(mtp_params, heads_shardings)
+        opt_state = jax.jit(self.settings.optimizer().init)(params)  # moments sharded like the heads
+        replicated = NamedSharding(next(iter(jax.tree.leaves(heads_shardings))).mesh, PartitionSpec())
+        self.state = TrainState(sharding.put_global(jnp.int32(0), replicated), params, opt_state)
+        state_sh = jax.tree.map(lambda x: x.sharding, self.state)
+        step = functools.partial(_online_step, cfg=model.cfg, mtp=mtp_cfg, settings=self.settings,
+                                 draft_ids=draft_ids)
+        self._step = jax.jit(step, out_shardings=(state_sh, replicated), donate_argnums=0)
 
-    def update(self, params, traj) -> dict:
-        from bebop_jax.pretrain_mtp import frozen_inputs, train_step, with_trunk_hidden
-
-        tokens = jnp.asarray(traj.tokens)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        segments = jnp.ones_like(tokens)  # one sequence per row (0 would mark every position as padding)
-        batch = with_trunk_hidden(params, dict(tokens=tokens, positions=positions, segment_ids=segments,
-                                               completion=jnp.asarray(traj.loss_mask)),
-                                  self.model.cfg, self.settings.temperature, self.draft_ids is not None)
-        frozen = frozen_inputs(self.model.cfg, params, self.draft_ids)  # the policy's current matrices
-        self.state, metrics = train_step(self.state, frozen, batch, cfg=self.model.cfg, mtp=self.mtp_cfg,
-                                         settings=self.settings)
+    def update(self, trunk, tokens, completion) -> dict:
+        """One step with the policy's trunk params and a batch's tokens / loss mask [R, L] (global arrays)."""
+        self.state, metrics = self._step(self.state, trunk, tokens, completion)
         return {"mtp_loss": float(metrics["loss"]), "mtp_alpha_1": float(metrics["alpha"][0])}
