@@ -145,7 +145,6 @@ def test_online_mtp_update_trains_the_heads_on_the_completions(tiny_dir, strateg
 
     from bebop_jax.model import load_model
     from bebop_jax.model.mtp import MTPConfig, init_mtp_params
-    from bebop_jax.rl.learner import Trajectories
     from bebop_jax.rl.mtp_update import OnlineMTPUpdater
 
     model = load_model(tiny_dir)
@@ -155,13 +154,14 @@ def test_online_mtp_update_trains_the_heads_on_the_completions(tiny_dir, strateg
     tokens = rng.integers(1, model.cfg.vocab_size, (4, 16)).astype(np.int32)
     loss_mask = np.zeros((4, 16), bool)
     loss_mask[:, 6:14] = True  # completion tokens 6..13; 14, 15 padding
-    traj = Trajectories(tokens=tokens, loss_mask=loss_mask, behaviour_logprobs=np.zeros((4, 16), np.float32),
-                        rewards=np.zeros(4, np.float32), group_ids=np.zeros(4, np.int32),
-                        policy_version=np.zeros(4, np.int32))
-    updater = OnlineMTPUpdater(model, mtp, jax.tree.map(jnp.copy, heads), strategy, learning_rate=1e-2, length=16)
-    first = updater.update(model.params, traj)
+    one_device = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
+                                            jax.sharding.PartitionSpec())
+    updater = OnlineMTPUpdater(model, mtp, jax.tree.map(jnp.copy, heads), strategy, learning_rate=1e-2, length=16,
+                               heads_shardings=one_device)
+    batch = (jnp.asarray(tokens), jnp.asarray(loss_mask))
+    first = updater.update(model.params, *batch)
     for _ in range(5):
-        last = updater.update(model.params, traj)
+        last = updater.update(model.params, *batch)
     assert 0.0 < first["mtp_alpha_1"] < 1.0  # a real mean over counted positions (none counted gives 0)
     assert last["mtp_loss"] < first["mtp_loss"] - 1e-3, (first, last)
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), updater.state.params, heads)

@@ -36,16 +36,20 @@ class OnlineMTPUpdater:
 
     def __init__(self, model: LoadedModel, mtp_cfg, mtp_params, strategy: str, learning_rate: float, length: int,
                  heads_shardings, draft_ids=None):
+        """heads_shardings: NamedShardings of the heads on the learner's mesh (a pytree like mtp_params, or one)."""
         from bebop_jax.pretrain_mtp import StepSettings, TrainState
 
         self.settings = StepSettings(loss="ce" if strategy == "online-ce" else "tv", temperature=1.0,
                                      num_origins=length, learning_rate=learning_rate, warmup_steps=0, steps=10**9,
                                      weight_decay=0.0, grad_clip=1.0)
         params = sharding.put_global(mtp_params, heads_shardings)
-        opt_state = jax.jit(self.settings.optimizer().init)(params)  # moments sharded like the heads
-        replicated = NamedSharding(next(iter(jax.tree.leaves(heads_shardings))).mesh, PartitionSpec())
-        self.state = TrainState(sharding.put_global(jnp.int32(0), replicated), params, opt_state)
-        state_sh = jax.tree.map(lambda x: x.sharding, self.state)
+        mesh = jax.tree.leaves(heads_shardings)[0].mesh
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state = TrainState(jnp.int32(0), params, jax.jit(self.settings.optimizer().init)(params))
+        # moments keep their heads' shardings; scalars (the step, optax's counts) are replicated on the mesh
+        state_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
+                                and x.sharding.mesh == mesh else replicated, state)
+        self.state = sharding.put_global(state, state_sh)
         step = functools.partial(_online_step, cfg=model.cfg, mtp=mtp_cfg, settings=self.settings,
                                  draft_ids=draft_ids)
         self._step = jax.jit(step, out_shardings=(state_sh, replicated), donate_argnums=0)
