@@ -298,14 +298,13 @@ class Transformer(nn.Module):
         return vocab_logits(hidden, w, self.cfg.compute_dtype)
 
 
-# Rows for which `vocab_logits` takes the multiply-reduce form on CPU (see there).
-FEW_ROWS = (2, 32)
 # Rows for which `linear` takes the weight-on-the-left dot on CPU (see there).
-FEW_ROWS_LINEAR = (2, 64)
+FEW_ROWS = (2, 64)
 
 
-def linear(x, w, compute_dtype=jnp.float32):
-    """x [..., I] and a weight stored [O, I] (as checkpoints store it) -> x W^T [..., O] in compute_dtype.
+def linear(x, w, compute_dtype=jnp.float32, out_dtype=None):
+    """x [..., I] and a weight stored [O, I] (as checkpoints store it) -> x W^T [..., O], in compute_dtype
+    or, given out_dtype, accumulated and returned in out_dtype.
 
     On XLA:CPU a dot of a few rows against a [I, O] matrix, or against [O, I] contracted as x W^T, runs
     at 2-3x the time of reading W (`benchmarks/few_row_linear.py`: 20.6 ms at 4 rows where 1 row takes
@@ -316,35 +315,27 @@ def linear(x, w, compute_dtype=jnp.float32):
     """
     rows = math.prod(x.shape[:-1])
     w = w.astype(compute_dtype)
+    accumulate = {} if out_dtype is None else {"preferred_element_type": out_dtype}
     if platform() != "cpu":
-        return jnp.einsum("...I,OI->...O", x, w)
+        return jnp.einsum("...I,OI->...O", x, w, **accumulate)
     flat = x.reshape(rows, x.shape[-1]).astype(compute_dtype)  # 2-D: the gradient's dots are 2-D too (16% faster)
-    if FEW_ROWS_LINEAR[0] <= rows <= FEW_ROWS_LINEAR[1]:
-        out = jax.lax.optimization_barrier(jnp.einsum("OI,RI->OR", w, flat)).T  # [rows, O]
+    if FEW_ROWS[0] <= rows <= FEW_ROWS[1]:
+        out = jax.lax.optimization_barrier(jnp.einsum("OI,RI->OR", w, flat, **accumulate)).T  # [rows, O]
     else:
-        out = jnp.einsum("RI,OI->RO", flat, w)
+        out = jnp.einsum("RI,OI->RO", flat, w, **accumulate)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def vocab_logits(hidden, w_vocab, compute_dtype=jnp.float32):
     """hidden [..., D] and one row per vocabulary entry w_vocab [V, D] -> logits [..., V] in float32.
 
-    On CPU, XLA's dot of a few rows (a verify step's K+1 positions, a small batch) against a wide
-    matrix like the LM head runs far below the memory bound (2.5-6x a 1-row product at 4 rows); the
-    same product written as a fused multiply-reduce over the rows of W reads W once and is ~2x faster
-    there (`benchmarks/lm_head.py`). Other row counts and other platforms (`placement.platform()`: the
-    one being compiled for) use the dot; on a TPU the multiply-reduce would convert and re-read W in f32.
+    The one definition of the LM head's product (the model, the losses, the draft heads, the learner):
+    `linear` with float32 accumulation. On CPU its few-row path is what a verify step's K+1 positions
+    and a small batch need; the fused multiply-reduce used before was no faster for the [V, D] head
+    (`benchmarks/lm_head.py`) and, for the draft heads' gathered [Vd, D] rows inside the decode loop,
+    XLA materialised W broadcast over the rows ([4096, 8, 576] at batch 8) and took ~10 ms per draft.
     """
-    rows = math.prod(hidden.shape[:-1])
-    w = w_vocab.astype(compute_dtype)
-    if platform() != "cpu":
-        return jnp.einsum("...D,VD->...V", hidden, w, preferred_element_type=jnp.float32)
-    flat = hidden.reshape(rows, hidden.shape[-1])
-    if FEW_ROWS[0] <= rows <= FEW_ROWS[1]:
-        out = jnp.sum(w.astype(jnp.float32)[:, None, :] * flat.astype(jnp.float32)[None], axis=-1).T  # [rows, V]
-    else:  # 2-D, as in `linear`
-        out = jnp.einsum("RD,VD->RV", flat, w, preferred_element_type=jnp.float32)
-    return out.reshape(*hidden.shape[:-1], w.shape[0])
+    return linear(hidden, w_vocab, compute_dtype, out_dtype=jnp.float32)
 
 
 def init_params(cfg: TransformerConfig, key: jax.Array) -> dict:
