@@ -86,14 +86,6 @@ def _top_p_filter(probs: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(probs >= threshold, probs, 0.0)
 
 
-def sample(key: jax.Array, logits: jax.Array, temperature: float, top_p: float = 1.0) -> jax.Array:
-    """One token per row: logits [..., V] -> int32 [...]. key: one key, or one per row of the leading
-    axis (`categorical`)."""
-    if is_greedy(temperature):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return categorical(key, probs_from_logits(logits, temperature, top_p))
-
-
 def _last_positive(w: jax.Array) -> jax.Array:
     """Index of the last entry > 0 along the last axis of w [..., n]."""
     return w.shape[-1] - 1 - jnp.argmax(jnp.flip(w > 0, axis=-1), axis=-1)

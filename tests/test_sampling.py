@@ -37,10 +37,11 @@ def test_leading_axes_and_independent_rows():
     assert np.asarray(sampling.categorical(jax.random.key(2), one_hot)).tolist() == [7, 299]
 
 
-def test_sample_at_temperature_matches_softmax():
+def test_draws_from_the_distribution_at_temperature_match_softmax():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=64).astype(np.float32) * 2)
     n, t = 30_000, 0.7
-    draws = np.asarray(sampling.sample(jax.random.key(3), jnp.broadcast_to(logits, (n, 64)), t))
+    probs = sampling.distribution(jnp.broadcast_to(logits, (n, 64)), t).probs
+    draws = np.asarray(sampling.categorical(jax.random.key(3), probs))
     p = np.asarray(jax.nn.softmax(logits / t), np.float64)
     p /= p.sum()
     assert stats.chisquare(np.bincount(draws, minlength=64), n * p).pvalue > 1e-4
