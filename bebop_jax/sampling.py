@@ -58,15 +58,15 @@ def distribution(logits: jax.Array, temperature, top_p: float = 1.0) -> Distribu
     total = jnp.sum(e, axis=-1, keepdims=True)
     probs = e / total
     log_norm = z_max + jnp.log(total)
-    # -sum p log p with log p = shifted - log(total); terms of p = 0 (logits of -inf) add nothing
-    entropy = jnp.log(total) - jnp.sum(jnp.where(e > 0, probs * shifted, 0.0), axis=-1, keepdims=True)
-    if top_p < 1.0:
+    if top_p < 1.0:  # the renormalised nucleus
         kept = _top_p_filter(probs, top_p)
         mass = jnp.sum(kept, axis=-1, keepdims=True)
         probs = kept / mass
         log_norm = log_norm + jnp.log(mass)
         entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0),
                            axis=-1, keepdims=True)
+    else:  # -sum p log p with log p = shifted - log(total); terms of p = 0 (logits of -inf) add nothing
+        entropy = jnp.log(total) - jnp.sum(jnp.where(e > 0, probs * shifted, 0.0), axis=-1, keepdims=True)
     if is_greedy(temperature):
         probs = jax.nn.one_hot(jnp.argmax(z, axis=-1), z.shape[-1], dtype=jnp.float32)
     return Distribution(probs=probs, log_norm=log_norm[..., 0], entropy=entropy[..., 0])

@@ -315,14 +315,13 @@ def linear(x, w, compute_dtype=jnp.float32, out_dtype=None):
     """
     rows = math.prod(x.shape[:-1])
     w = w.astype(compute_dtype)
-    accumulate = {} if out_dtype is None else {"preferred_element_type": out_dtype}
     if platform() != "cpu":
-        return jnp.einsum("...I,OI->...O", x, w, **accumulate)
+        return jnp.einsum("...I,OI->...O", x, w, preferred_element_type=out_dtype)
     flat = x.reshape(rows, x.shape[-1]).astype(compute_dtype)  # 2-D: the gradient's dots are 2-D too (16% faster)
     if FEW_ROWS[0] <= rows <= FEW_ROWS[1]:
-        out = jax.lax.optimization_barrier(jnp.einsum("OI,RI->OR", w, flat, **accumulate)).T  # [rows, O]
+        out = jax.lax.optimization_barrier(jnp.einsum("OI,RI->OR", w, flat, preferred_element_type=out_dtype)).T
     else:
-        out = jnp.einsum("RI,OI->RO", flat, w, **accumulate)
+        out = jnp.einsum("RI,OI->RO", flat, w, preferred_element_type=out_dtype)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
