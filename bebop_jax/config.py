@@ -124,10 +124,15 @@ class DataConfig:
     sample_batch: int = 32  # prompts per generate call
     seed: int = 0
     corpus: str | None = None  # a .txt or .jsonl ({"text"}) corpus to train on instead of {dir}/train
+    # further sample-data outputs (other seeds or prompts) whose train and heldout splits are read with dir's
+    extra_dirs: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_positive("data", self, "num_prompts max_new_tokens sample_batch")
         _check_positive("data", self, "heldout_prompts", 0)
+        if self.dir in self.extra_dirs or len(set(self.extra_dirs)) != len(self.extra_dirs):
+            raise ConfigError(f"config key 'data.extra_dirs': each directory once, and not data.dir ('{self.dir}'); "
+                              f"got {list(self.extra_dirs)}")
         if self.temperature <= 0:
             raise ConfigError(f"config key 'data.temperature': self-distillation samples need > 0, "
                               f"got {self.temperature}")

@@ -48,13 +48,18 @@ class Sequences:
 # Prompt sources and self-distillation
 
 
-PROMPT_SOURCES = ("math", "math:easy", "math:grade", "tool", "code")
+PROMPT_SOURCES = ("math", "math:easy", "math:grade", "tool", "code", "chat")
 
 
-def _environment_prompts(source: str, num: int, rng: np.random.Generator) -> list[list[dict]]:
-    """`num` first-turn prompts of an RL environment, exactly as the actor sees them (`Task.messages`)."""
+def _source_prompts(source: str, num: int, rng: np.random.Generator) -> list[list[dict]]:
+    """`num` first-turn prompts of a source: an RL environment's exactly as the actor sees them
+    (`Task.messages`), or general instructions (`chat`, `bebop_jax.chat_prompts`)."""
     from bebop_jax.rl.environments import make_environment
 
+    if source == "chat":
+        from bebop_jax.chat_prompts import make_prompt
+
+        return [[{"role": "user", "content": make_prompt(rng)}] for _ in range(num)]
     name, _, level = source.partition(":")
     env = make_environment(name, **({"level": level or "grade"} if name == "math" else {}))
     return [list(task.messages) for task in env.sample_tasks(rng, num)]
@@ -63,7 +68,7 @@ def _environment_prompts(source: str, num: int, rng: np.random.Generator) -> lis
 def load_prompts(spec: str, num: int, seed: int) -> list[list[dict]]:
     """`num` prompts as chat messages: built-in RL prompt sources, or a JSONL file.
 
-    `spec` is one of PROMPT_SOURCES ("math" = "math:grade"), a comma-separated mix of them
+    `spec` is one of PROMPT_SOURCES ("math" = "math:grade"; "chat": general instructions), a comma-separated mix of them
     (e.g. "math:easy,math:grade,tool,code": the prompts go round-robin over the sources, each with its
     own generator), or a JSONL file of {"prompt": str} or {"messages": [{"role", "content"}, ...]}
     records; trailing assistant turns are dropped (the policy writes its own). A file with fewer
@@ -72,8 +77,8 @@ def load_prompts(spec: str, num: int, seed: int) -> list[list[dict]]:
     sources = [s.strip() for s in spec.split(",")]
     if all(s in PROMPT_SOURCES for s in sources):
         share = [len(range(i, num, len(sources))) for i in range(len(sources))]
-        drawn = [_environment_prompts(s, n, np.random.default_rng([seed, i])) if len(sources) > 1
-                 else _environment_prompts(s, n, np.random.default_rng(seed))
+        drawn = [_source_prompts(s, n, np.random.default_rng([seed, i])) if len(sources) > 1
+                 else _source_prompts(s, n, np.random.default_rng(seed))
                  for i, (s, n) in enumerate(zip(sources, share))]
         return [drawn[i % len(sources)][i // len(sources)] for i in range(num)]
     if not os.path.isfile(spec):
@@ -129,6 +134,12 @@ def read_shards(directory: str) -> Sequences:
             tokens += [shard["tokens"][a:b] for a, b in zip(offsets[:-1], offsets[1:])]
             prompt_lengths.append(shard["prompt_lengths"])
     return Sequences(tokens, np.concatenate(prompt_lengths).astype(np.int32))
+
+
+def read_split(data_cfg, split: str) -> Sequences:
+    """The `split` ("train" or "heldout") of `data.dir` and of each of `data.extra_dirs`, in that order."""
+    parts = [read_shards(os.path.join(d, split)) for d in (data_cfg.dir, *data_cfg.extra_dirs)]
+    return Sequences([t for p in parts for t in p.tokens], np.concatenate([p.prompt_lengths for p in parts]))
 
 
 def sample_shards(model, prompts: list[list[int]], directory: str, key: jax.Array, *, temperature: float,

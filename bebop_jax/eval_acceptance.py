@@ -158,10 +158,10 @@ def run(cfg: Config, heads: str, out: str | None = None, model: LoadedModel | No
     """
     model = model or load_model(cfg.model.source, cfg.model.dtype)
     mtp, params, draft_ids = load_mtp_heads(heads, model.cfg)
-    seqs = data_lib.read_shards(os.path.join(cfg.data.dir, "heldout"))
+    seqs = data_lib.read_split(cfg.data, "heldout")
     report = evaluate(model, mtp, params, seqs, cfg.eval.temperatures, cfg.eval.entropy_buckets, cfg.eval.batch_size,
                       draft_ids)
-    report = {"heads": heads, "data": os.path.join(cfg.data.dir, "heldout")} | report
+    report = {"heads": heads, "data": [os.path.join(d, "heldout") for d in (cfg.data.dir, *cfg.data.extra_dirs)]} | report
     out = out or os.path.join(heads, "acceptance.json")
     if jax.process_index() != 0:
         return report

@@ -233,13 +233,16 @@ def _run_meta(cfg: Config, model: LoadedModel, mtp: MTPConfig, draft_ids) -> dic
             "draft_ids": None if draft_ids is None else [int(i) for i in draft_ids],
             "trunk": {"family": model.cfg.family, "hidden_size": model.cfg.hidden_size,
                       "vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers},
-            "data": cfg.data.corpus or os.path.join(cfg.data.dir, "train"), "config": to_dict(cfg)}
+            "data": cfg.data.corpus or os.path.join(cfg.data.dir, "train"), "extra_data": list(cfg.data.extra_dirs),
+            "config": to_dict(cfg)}
 
 
 def _check_resume(saved: dict, meta: dict, run_dir: str) -> None:
     old, new = saved["config"]["pretrain"], meta["config"]["pretrain"]
     changed = [f"pretrain.{k}" for k in _RUN_IDENTITY if old.get(k) != new.get(k)]
     changed += [k for k in ("mtp", "model", "trunk", "data", "draft_ids") if saved.get(k) != meta.get(k)]
+    if saved.get("extra_data", []) != meta["extra_data"]:  # runs from before data.extra_dirs have none
+        changed.append("data.extra_dirs")
     if changed:
         raise ValueError(f"pretrain.run_dir '{run_dir}' holds a run with other settings ({', '.join(changed)}); "
                          "choose another run_dir or restore the settings")
@@ -287,9 +290,9 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
     mesh = sharding.make_mesh(cfg.mesh)  # every device of every process: a mesh they cannot form fails first
     lead = jax.process_index() == 0  # the process that shows progress and writes logs and the summary
     progress = progress and lead
-    # the training set: the corpus when data.corpus is set, else {data.dir}/train; shards are read before
-    # the model loads, so a missing data set fails fast
-    seqs = None if cfg.data.corpus else data_lib.read_shards(os.path.join(cfg.data.dir, "train"))
+    # the training set: the corpus when data.corpus is set, else {data.dir}/train and each extra dir's; shards
+    # are read before the model loads, so a missing data set fails fast
+    seqs = None if cfg.data.corpus else data_lib.read_split(cfg.data, "train")
     model = model or load_model(cfg.model.source, cfg.model.dtype)
     if seqs is None:
         seqs = data_lib.read_corpus(cfg.data.corpus, model.tokenizer, pc.seq_len)

@@ -19,7 +19,7 @@ from bebop_jax import data as data_lib
 from bebop_jax import eval_acceptance, pretrain_mtp, trunk_cache
 from bebop_jax.checkpoint import RunCheckpoints, export_hf_with_mtp, load_mtp_heads, save_heads_file
 from bebop_jax.cli import _PRETRAIN_FLAGS, _config_from_args, build_parser
-from bebop_jax.config import load_config
+from bebop_jax.config import ConfigError, load_config
 from bebop_jax.distributed import Preempted
 from bebop_jax.losses import draft_loss
 from bebop_jax.model import LoadedModel, load_model
@@ -77,6 +77,25 @@ def test_sample_shards_hold_prompt_and_completion(tiny):
                                    max_new_tokens=NEW_TOKENS, batch_size=32, max_seq_len=128, eos_ids=())
     assert os.path.getmtime(base / "data/train/shard_00000.npz") == mtime  # kept, not resampled
     assert [t.tolist() for t in again.tokens] == [t.tolist() for t in seqs.tokens]
+
+
+def test_extra_data_dirs_join_both_splits_and_a_changed_set_is_not_resumed(tiny, tmp_path):
+    model, base, prompts = tiny
+    extra = tmp_path / "extra"
+    kw = dict(temperature=1.0, max_new_tokens=NEW_TOKENS, batch_size=32, max_seq_len=128, eos_ids=())
+    data_lib.sample_shards(model, prompts[:8], str(extra / "heldout"), jax.random.key(3), **kw)
+    data_lib.sample_shards(model, prompts[8:20], str(extra / "train"), jax.random.key(4), **kw)
+    cfg = _cfg(base, "extra", f"data.extra_dirs=[{extra}]", "pretrain.steps=0")
+    own, more = data_lib.read_shards(str(base / "data/train")), data_lib.read_shards(str(extra / "train"))
+    train = data_lib.read_split(cfg.data, "train")
+    assert [t.tolist() for t in train.tokens] == [t.tolist() for t in own.tokens + more.tokens]
+    assert train.prompt_lengths.tolist() == own.prompt_lengths.tolist() + more.prompt_lengths.tolist()
+    assert len(data_lib.read_split(cfg.data, "heldout")) == 16 + 8
+    with pytest.raises(ConfigError, match="data.extra_dirs"):
+        _cfg(base, "extra", f"data.extra_dirs=[{base / 'data'}]")
+    pretrain_mtp.train(_cfg(base, "extra", "pretrain.steps=0"), model, progress=False)  # data.dir alone
+    with pytest.raises(ValueError, match="data.extra_dirs"):
+        pretrain_mtp.train(cfg, model, progress=False)
 
 
 def test_layout_rows_padding_and_packing():
