@@ -184,6 +184,7 @@ def test_plan_reports_tpu_figures_and_bad_input_is_one_line(capsys):
     plans, spec = plan_tpu.run(cfg)
     out = capsys.readouterr().out
     assert "TPU v5p" in out and "FITS" in out and "pallas" in out and "compile-time prediction" in out
+    assert "extrapolated from 1 and 2 layers" in out and "plan.compile_layers=[]" in out  # the table's caveat
     assert [r.num_draft for r in spec] == [0, 1, 2, 3, 4] and plans[0].pallas
     assert spec[0].speedups(spec[0]) == [1.0, 1.0, 1.0]
     for overrides, message in [(["plan.accelerator=v5p-7"], "plan.accelerator.*expected one of"),
