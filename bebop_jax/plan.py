@@ -481,7 +481,9 @@ def plan_step(cfg: Config, name: str, mesh: Mesh, rules: sharding.Rules, shapes:
     slope = None
     if len(sizes) == 2:  # linear in the depth: a + (b - a) / (db - da) * (full - da)
         (da, db), (a, b) = depths, sizes
-        at_full = {k: a[k] + (b[k] - a[k]) * (full - da) / (db - da) for k in a}
+        # never below the deeper compile's figure: the compiler's buffer assignment is not exactly linear, and
+        # a size that shrank from da to db (seen: prefill temporaries on v5p) would extrapolate below zero
+        at_full = {k: max(a[k] + (b[k] - a[k]) * (full - da) / (db - da), b[k]) for k in a}
         slope = int(round((b["temporaries"] - a["temporaries"]) / (db - da)))
     else:
         at_full = sizes[0]

@@ -85,6 +85,25 @@ def test_cli_plans_a_tiny_model_on_8_fake_devices(tmp_path):
     assert "extrapolated linearly to 3" in out
 
 
+def test_extrapolated_sizes_never_fall_below_the_deeper_compile(monkeypatch):
+    """A size that shrinks between the two compiled depths (the TPU compiler's buffer assignment is not
+    exactly linear) is reported at the deeper compile's figure, not extrapolated below it (or below zero)."""
+    by_depth = {1: dict(temporaries=3 * MIB, flops=1e9, bytes_accessed=2e9),
+                2: dict(temporaries=2 * MIB, flops=2e9, bytes_accessed=3e9)}
+
+    def fake_compile(step, mesh, rules, lower_on=None):
+        depth = sum(1 for k in step.args[0] if k.startswith("layers_")) if isinstance(step.args[0], dict) else None
+        sizes = by_depth[depth or 1]
+        return dict(sizes, arguments=0, outputs=0, aliased=0, pallas=0.0, seconds=0.0)
+
+    monkeypatch.setattr(plan, "compile_step", fake_compile)
+    cfg = load_config(os.path.join(REPO, "configs", "qwen3-8b-v5p-64.yaml"), ["plan.compile_layers=[1, 2]"])
+    mesh, rules = plan.plan_mesh(cfg, plan.architecture("qwen3-8b"), None, "prefill")
+    p = plan.plan_step(cfg, "prefill", mesh, rules)
+    assert p.temporaries == 2 * MIB  # not 3 - 35 = -32 MiB
+    assert p.flops == pytest.approx(36e9) and p.bytes_accessed == pytest.approx(37e9)  # growing sizes: linear
+
+
 def test_unknown_model_and_bad_settings_are_named_before_any_work():
     with pytest.raises(SystemExit, match=r"plan.model.*'qwen9-1t'.*qwen3-8b, qwen3-14b"):
         cli.main(["plan", "plan.model=qwen9-1t"])
