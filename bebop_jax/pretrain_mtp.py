@@ -301,6 +301,11 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
     rows = data_lib.layout_rows(seqs, pc.seq_len, pc.pack)
     num_origins = data_lib.max_loss_origins(rows, mtp.num_steps)
     params, draft_ids = _initial_heads(cfg, model, mtp, rows)
+    meta = _run_meta(cfg, model, mtp, draft_ids)
+    ckpt = RunCheckpoints(pc.run_dir)
+    start = ckpt.latest_step()
+    if start is not None:  # a run with other settings is refused before the caches are computed
+        _check_resume(ckpt.read_meta(start), meta, pc.run_dir)
     w_vocab = vocab_matrix(model.cfg, model.params)
     frozen = frozen_inputs(model.cfg, model.params, draft_ids)
     t0 = time.perf_counter()
@@ -331,11 +336,7 @@ def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) 
         add_hidden = sharding.sharded_jit(with_trunk_hidden, mesh, rules, in_shardings=(trunk_sh, batch_sh),
                                           out_shardings=batch_sh,
                                           static_argnames=("cfg", "temperature", "target_logz"))
-    meta = _run_meta(cfg, model, mtp, draft_ids)
-    ckpt = RunCheckpoints(pc.run_dir)
-    start = ckpt.latest_step()
     if start is not None:
-        _check_resume(ckpt.read_meta(start), meta, pc.run_dir)
         state, _ = ckpt.restore(start, state, data_iter)
     start = int(state.step)
     writer = SummaryWriter(os.path.join(pc.run_dir, "tb")) if lead else None

@@ -94,8 +94,10 @@ def test_extra_data_dirs_join_both_splits_and_a_changed_set_is_not_resumed(tiny,
     with pytest.raises(ConfigError, match="data.extra_dirs"):
         _cfg(base, "extra", f"data.extra_dirs=[{base / 'data'}]")
     pretrain_mtp.train(_cfg(base, "extra", "pretrain.steps=0"), model, progress=False)  # data.dir alone
+    caches = sorted(os.listdir(base / "cache"))
     with pytest.raises(ValueError, match="data.extra_dirs"):
         pretrain_mtp.train(cfg, model, progress=False)
+    assert sorted(os.listdir(base / "cache")) == caches  # refused before computing a cache of the new rows
 
 
 def test_layout_rows_padding_and_packing():
