@@ -237,7 +237,7 @@ def cmd_eval_acceptance(args: argparse.Namespace) -> None:
     import jax
 
     from bebop_jax.distributed import barrier, initialize
-    from bebop_jax.eval_acceptance import run
+    from bebop_jax.eval_acceptance import default_report_path, run
 
     initialize(cfg.mesh)  # under --worker=all each process scores its share of the held-out rows
     report = _user_errors(lambda: run(cfg, args.heads, args.out))
@@ -250,7 +250,7 @@ def cmd_eval_acceptance(args: argparse.Namespace) -> None:
         slope = res["heads"][0]["fit"]["slope"]
         print(f"T={res['temperature']:g}: {alphas}  E[accepted length]={res['expected_length']:.3f}  "
               f"d alpha_1 / d H = {slope:+.3f} per nat")
-    print(f"wrote {args.out or args.heads + '/acceptance.json'} and .png")
+    print(f"wrote {args.out or default_report_path(args.heads)} and .png")
 
 
 _RL_FLAGS = {
@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval-acceptance", help="per-head acceptance and expected length on held-out samples")
     _add_config_args(ev, _EVAL_FLAGS)
     ev.add_argument("--heads", required=True, help="a pretrain-mtp run dir, or an HF dir with mtp.* tensors")
-    ev.add_argument("--out", default=None, help="JSON report path (default {heads}/acceptance.json); PNG beside it")
+    ev.add_argument("--out", default=None, help="JSON report path (default: in the heads' run directory, beside a heads file, or "
+                    "runs/eval-acceptance/NAME/ for shipped heads); PNG beside it")
     ev.set_defaults(func=cmd_eval_acceptance)
 
     rl = sub.add_parser("rl", help="GRPO/PPO with speculative rollouts, async actor/learner (resumes a run dir)")

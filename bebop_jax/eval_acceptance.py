@@ -150,10 +150,21 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run(cfg: Config, heads: str, out: str | None = None, model: LoadedModel | None = None) -> dict:
-    """`bebop eval-acceptance`: evaluates the heads at `heads` (run dir, HF dir or heads file); writes JSON + PNG.
+def default_report_path(heads: str) -> str:
+    """Where the report of `heads` goes without --out: inside a run or HF directory, beside a heads file
+    (`x.safetensors` -> `x.acceptance.json`), and for shipped heads under runs/ (never into the package)."""
+    if os.path.isdir(heads):
+        return os.path.join(heads, "acceptance.json")
+    if heads.endswith(".safetensors"):
+        return os.path.splitext(heads)[0] + ".acceptance.json"
+    return os.path.join("runs", "eval-acceptance", heads, "acceptance.json")
 
-    `out` defaults to `{heads}/acceptance.json`; the plot goes beside it as .png. Under jax.distributed
+
+def run(cfg: Config, heads: str, out: str | None = None, model: LoadedModel | None = None) -> dict:
+    """`bebop eval-acceptance`: evaluates the heads at `heads` (run dir, HF dir, heads file or shipped name);
+    writes JSON + PNG and returns the report (with `out`: where the JSON went).
+
+    `out` defaults to `default_report_path(heads)`; the plot goes beside it as .png. Under jax.distributed
     every process scores its share of the rows and process 0 alone writes.
     """
     model = model or load_model(cfg.model.source, cfg.model.dtype)
@@ -162,7 +173,7 @@ def run(cfg: Config, heads: str, out: str | None = None, model: LoadedModel | No
     report = evaluate(model, mtp, params, seqs, cfg.eval.temperatures, cfg.eval.entropy_buckets, cfg.eval.batch_size,
                       draft_ids)
     report = {"heads": heads, "data": [os.path.join(d, "heldout") for d in (cfg.data.dir, *cfg.data.extra_dirs)]} | report
-    out = out or os.path.join(heads, "acceptance.json")
+    out = out or default_report_path(heads)
     if jax.process_index() != 0:
         return report
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -360,6 +360,15 @@ def test_eval_acceptance_report(tiny, full_run):
     np.testing.assert_allclose(report["results"][0]["expected_length"], float(metrics["expected_length"]), rtol=1e-4)
 
 
+def test_eval_report_path_defaults_never_write_into_the_package(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert eval_acceptance.default_report_path(str(run_dir)) == str(run_dir / "acceptance.json")
+    assert eval_acceptance.default_report_path("out/heads.safetensors") == "out/heads.acceptance.json"
+    shipped = eval_acceptance.default_report_path("smollm2-135m-instruct-e2e-tv")  # was ./smollm2-135m-.../
+    assert shipped == os.path.join("runs", "eval-acceptance", "smollm2-135m-instruct-e2e-tv", "acceptance.json")
+
+
 def test_checkpoint_keys_and_export_roundtrip(tiny, full_run, tmp_path):
     model, base, _ = tiny
     ckpt = RunCheckpoints(str(tmp_path / "k"))
