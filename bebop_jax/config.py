@@ -127,6 +127,11 @@ class DataConfig:
     # further sample-data outputs (other seeds or prompts) whose train and heldout splits are read with dir's
     extra_dirs: tuple[str, ...] = ()
 
+    @property
+    def dirs(self) -> tuple[str, ...]:
+        """Every self-distilled set read: data.dir, then data.extra_dirs."""
+        return (self.dir, *self.extra_dirs)
+
     def __post_init__(self):
         _check_positive("data", self, "num_prompts max_new_tokens sample_batch")
         _check_positive("data", self, "heldout_prompts", 0)

@@ -138,7 +138,7 @@ def read_shards(directory: str) -> Sequences:
 
 def read_split(data_cfg, split: str) -> Sequences:
     """The `split` ("train" or "heldout") of `data.dir` and of each of `data.extra_dirs`, in that order."""
-    parts = [read_shards(os.path.join(d, split)) for d in (data_cfg.dir, *data_cfg.extra_dirs)]
+    parts = [read_shards(os.path.join(d, split)) for d in data_cfg.dirs]
     return Sequences([t for p in parts for t in p.tokens], np.concatenate([p.prompt_lengths for p in parts]))
 
 

@@ -172,7 +172,7 @@ def run(cfg: Config, heads: str, out: str | None = None, model: LoadedModel | No
     seqs = data_lib.read_split(cfg.data, "heldout")
     report = evaluate(model, mtp, params, seqs, cfg.eval.temperatures, cfg.eval.entropy_buckets, cfg.eval.batch_size,
                       draft_ids)
-    report = {"heads": heads, "data": [os.path.join(d, "heldout") for d in (cfg.data.dir, *cfg.data.extra_dirs)]} | report
+    report = {"heads": heads, "data": [os.path.join(d, "heldout") for d in cfg.data.dirs]} | report
     out = out or default_report_path(heads)
     if jax.process_index() != 0:
         return report

@@ -128,8 +128,7 @@ def format_report(cfg: Config, acc: tpu.Accelerator, chip: tpu.ChipInfo, plans: 
         depths = next(p.compiled_layers for p in plans if p.name == "decode")  # spec exists only with decode
         if len(depths) == 2:
             lines.append(f"extrapolated from {depths[0]} and {depths[1]} layers: the compiler prefetches and fuses a "
-                         "program this shallow differently, so these rows can be off by 10-30% and out of order in K "
-                         "(Qwen3-4B on v5litepod-16: 1.41x the floor from 1 and 2 layers, 1.25x from 2 and 4); "
+                         "program this shallow differently, so these rows can be off by 10-30% and out of order in K; "
                          "plan.compile_layers=[] compiles the full depth, the faithful table")
     return "\n".join(lines)
 

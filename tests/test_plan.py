@@ -92,9 +92,8 @@ def test_extrapolated_sizes_never_fall_below_the_deeper_compile(monkeypatch):
                 2: dict(temporaries=2 * MIB, flops=2e9, bytes_accessed=3e9)}
 
     def fake_compile(step, mesh, rules, lower_on=None):
-        depth = sum(1 for k in step.args[0] if k.startswith("layers_")) if isinstance(step.args[0], dict) else None
-        sizes = by_depth[depth or 1]
-        return dict(sizes, arguments=0, outputs=0, aliased=0, pallas=0.0, seconds=0.0)
+        depth = sum(k.startswith("layers_") for k in step.args[0])  # args[0]: the trunk's parameters
+        return dict(by_depth[depth], arguments=0, outputs=0, aliased=0, pallas=0.0, seconds=0.0)
 
     monkeypatch.setattr(plan, "compile_step", fake_compile)
     cfg = load_config(os.path.join(REPO, "configs", "qwen3-8b-v5p-64.yaml"), ["plan.compile_layers=[1, 2]"])
