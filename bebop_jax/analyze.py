@@ -1,11 +1,12 @@
 """`bebop analyze --run DIR`: a Markdown report with figures from the runs under DIR.
 
-It reads what the stages wrote and computes nothing itself:
+It reads what the stages wrote and computes only fits and means of it:
   - `**/acceptance.json` (eval-acceptance, one per trained heads): acceptance against policy entropy
     per loss, bucket means and the fitted line, and a table of slopes, alpha_k and expected length;
   - `modes.json` (`verify_modes`): acceptance of rejection / greedy-draft / block verification across
     temperatures, measured by the speculative engine;
-  - `rl/*/metrics.jsonl` (bebop rl): draft acceptance through RL per MTP strategy, and RL wall time;
+  - `rl/*/metrics.jsonl` (bebop rl): draft acceptance, policy entropy and wall time per learner step, per run,
+    and the paper's claims checked on runs named as in `claims.VARIANTS`;
   - `speed.json`: plain vs speculative rollout throughput.
 Writes DIR/report/report.md and PNGs, and logs the figures to tensorboardX (DIR/report/tb).
 A missing input leaves its section out with a note, so partial runs still get a report.
@@ -19,6 +20,7 @@ import os
 
 import numpy as np
 
+from bebop_jax.claims import VARIANTS, claims, run_stats
 from bebop_jax.rl.records import read_history
 
 
@@ -82,23 +84,42 @@ def _modes_figure(modes: dict, out: str) -> list[str]:
 
 
 def _rl_figure(histories: dict[str, list[dict]], out: str) -> list[str]:
+    """Four panels, one curve per run: acceptance and policy entropy per learner step, acceptance against
+    entropy with the line fitted across steps, wall time. Returns the per-run table."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    lines = ["| RL run | steps | wall s / step | rollout tok/s | acceptance | reward (last) |", "|---|---|---|---|---|---|"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    lines = ["| RL run | steps | s / step | rollout tok/s | acceptance: step 1, mean, per position | "
+             "entropy: first, last | slope / nat (R^2) | reward: first 5, last 5 |", "|---|---|---|---|---|---|---|---|"]
     for name, hist in histories.items():
+        s = run_stats(hist)
         steps = [h["step"] for h in hist]
-        if "draft_acceptance_rate" in hist[0]:
-            axes[0].plot(steps, [h["draft_acceptance_rate"] for h in hist], "o-", label=name)
-        axes[1].plot(steps, [h["reward"] for h in hist], "o-", label=name)
-        wall = hist[-1]["wall_s"] / len(hist)
-        acc = np.mean([h.get("draft_acceptance_rate", np.nan) for h in hist])
-        lines.append(f"| {name} | {len(hist)} | {wall:.1f} | {np.mean([h['rollout_tokens_per_s'] for h in hist]):.1f} | "
-                     f"{acc:.3f} | {hist[-1]['reward']:.3f} |")
-    axes[0].set(xlabel="learner step", ylabel="draft acceptance rate", title="acceptance through RL")
-    axes[1].set(xlabel="learner step", ylabel="mean reward", title="reward")
-    for ax in axes:
+        color = axes[0, 1].plot(steps, s["entropy"], "o-", ms=3, label=name)[0].get_color()
+        axes[1, 1].plot(steps, s["wall_s"] / 60, "-", color=color, label=name)
+        accept = "-"
+        fit = "-"
+        if "acceptance" in s:
+            axes[0, 0].plot(steps, s["acceptance"], "o-", ms=3, color=color, label=name)
+            axes[1, 0].plot(s["entropy"], s["acceptance"], "o", ms=3, color=color, label=name)
+            f = s["fit"]
+            if np.isfinite(f["slope"]):
+                grid = np.linspace(s["entropy"].min(), s["entropy"].max(), 10)
+                axes[1, 0].plot(grid, f["intercept"] + f["slope"] * grid, "--", color=color)
+            accept = (f"{s['acceptance'][0]:.3f}, {s['acceptance'].mean():.3f}, "
+                      f"{' / '.join(f'{a:.2f}' for a in s['per_position'])}")
+            fit = f"{f['slope']:+.3f} ({f['r2']:.2f})"
+        tokens = np.mean([h["rollout_tokens_per_s"] for h in hist])
+        lines.append(f"| {name} | {s['steps']} | {s['s_per_step']:.1f} | {tokens:.1f} | {accept} | "
+                     f"{s['entropy'][0]:.3f}, {s['entropy'][-1]:.3f} | {fit} | "
+                     f"{s['reward'][:5].mean():.3f}, {s['reward'][-5:].mean():.3f} |")
+    for ax, (xlabel, ylabel, title) in zip(axes.flat, (
+            ("learner step", "draft acceptance rate", "acceptance through RL"),
+            ("learner step", "policy entropy [nats / token]", "policy entropy"),
+            ("policy entropy [nats / token]", "draft acceptance rate", "acceptance vs entropy, one point per step"),
+            ("learner step", "wall time [min]", "wall time"))):
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -124,7 +145,7 @@ def analyze(run_dir: str) -> str:
         ("Rejection sampling vs greedy drafting vs block verification", "verify_modes.png",
          (lambda path: _modes_figure(json.load(open(modes_file)), path)) if os.path.isfile(modes_file) else None,
          "_no modes.json found_"),
-        ("Draft acceptance through RL, per MTP strategy", "rl_acceptance.png",
+        ("RL runs: acceptance, policy entropy and wall time per step", "rl_acceptance.png",
          (lambda path: _rl_figure({k: v for k, v in histories.items() if v}, path))
          if any(histories.values()) else None, "_no RL runs found under rl/_"),
     ]
@@ -135,6 +156,14 @@ def analyze(run_dir: str) -> str:
             continue
         figures.append(figure)
         md += ["", f"![{title}]({figure})", "", *draw(os.path.join(out, figure)), ""]
+    rows = claims({name: run_stats(hist) for name, hist in histories.items() if hist})
+    md += ["## The paper's claims on these RL runs", ""]
+    if all(r["holds"] == "-" for r in rows):
+        md += [f"_no RL runs named {', '.join(VARIANTS)} (`benchmarks/rl_claims.py` makes them)_", ""]
+    else:
+        md += ["+- is two standard errors over learner steps; runs named as in `benchmarks/rl_claims.py`.", "",
+               "| claim | paper | ours | holds |", "|---|---|---|---|",
+               *(f"| {r['claim']} | {r['paper']} | {r['ours']} | {r['holds']} |" for r in rows), ""]
     md.append("## Rollout throughput")
     speed_file = os.path.join(run_dir, "speed.json")
     if os.path.isfile(speed_file):

@@ -9,6 +9,8 @@ A chain of SmolLM2-sized MLP pairs (x += tanh(x W_up) W_down, D=576, F=1536, `--
                optimization barrier before the transpose (without it XLA folds the transpose into the dot
                and is back to the slow form): what `transformer.linear` does for 2-64 rows on CPU
   feature_major weights [out, in], activations kept [D, rows] through the chain: W x
+  out_in_right weights [out, in], `x W^T` as one dot with W on the right: what `transformer.linear` does
+               for other row counts
 Prints milliseconds per chain and in_out / out_in per row count. Writes JSON.
 """
 
@@ -41,6 +43,12 @@ def out_in(x, ups_t, downs_t):
     return x
 
 
+def out_in_right(x, ups_t, downs_t):
+    for up, down in zip(ups_t, downs_t):
+        x = x + jnp.einsum("ri,oi->ro", jnp.tanh(jnp.einsum("ri,oi->ro", x, up)), down)
+    return x
+
+
 def feature_major(x, ups_t, downs_t):
     xt = x.T
     for up, down in zip(ups_t, downs_t):
@@ -60,9 +68,11 @@ def main():
     downs = [0.02 * jax.random.normal(jax.random.fold_in(key, 1000 + i), (F, D)) for i in range(args.layers)]
     ups_t, downs_t = [w.T.copy() for w in ups], [w.T.copy() for w in downs]
     forms = {"in_out": (jax.jit(in_out), ups, downs), "out_in": (jax.jit(out_in), ups_t, downs_t),
-             "feature_major": (jax.jit(feature_major), ups_t, downs_t)}
+             "feature_major": (jax.jit(feature_major), ups_t, downs_t),
+             "out_in_right": (jax.jit(out_in_right), ups_t, downs_t)}
     rows = []
-    print(f"{'rows':>4} {'in_out ms':>10} {'out_in ms':>10} {'feature-major ms':>17} {'in_out/out_in':>14}")
+    print(f"{'rows':>4} {'in_out ms':>10} {'out_in ms':>10} {'feature-major ms':>17} {'W right ms':>11} "
+          f"{'in_out/out_in':>14}")
     for r in args.rows:
         x = jax.random.normal(key, (r, D))
         ref = forms["in_out"][0](x, ups, downs)
@@ -74,7 +84,7 @@ def main():
         row["ratio"] = row["in_out_ms"] / row["out_in_ms"]
         rows.append(row)
         print(f"{r:>4} {row['in_out_ms']:>10.2f} {row['out_in_ms']:>10.2f} {row['feature_major_ms']:>17.2f} "
-              f"{row['ratio']:>14.2f}", flush=True)
+              f"{row['out_in_right_ms']:>11.2f} {row['ratio']:>14.2f}", flush=True)
     write_result(args.out, width=D, intermediate=F, layers=args.layers, rows=rows)
 
 

@@ -32,7 +32,8 @@ def test_report_has_every_section_and_the_measured_numbers(tmp_path):
         with open(tmp_path / "rl" / run / "metrics.jsonl", "w") as f:
             for step in (1, 2):
                 f.write(json.dumps({"step": step, "reward": 0.1 * step, "draft_acceptance_rate": 0.5,
-                                    "rollout_tokens_per_s": 40.0, "wall_s": 10.0 * step}) + "\n")
+                                    "rollout_tokens_per_s": 40.0, "wall_s": 10.0 * step,
+                                    "policy_entropy": 1.0}) + "\n")
     json.dump({"rows": [{"setting": "batch 1, T=1, K=3", "plain_tokens_per_s": 30.0, "spec_tokens_per_s": 45.0,
                          "speedup": 1.5, "draft_acceptance_rate": 0.6, "draft_mean_acceptance_length": 2.8}]},
               open(tmp_path / "speed.json", "w"))
@@ -51,3 +52,4 @@ def test_report_has_every_section_and_the_measured_numbers(tmp_path):
 def test_partial_runs_get_a_report_with_notes(tmp_path):
     text = open(analyze(str(tmp_path))).read()
     assert "_no eval-acceptance reports found_" in text and "_no RL runs found under rl/_" in text
+    assert "_no RL runs named e2e-tv-frozen, plain" in text

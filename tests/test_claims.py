@@ -1,0 +1,80 @@
+"""The claims table on RL histories with known slopes, levels, drifts and step times."""
+
+import json
+import os
+
+import numpy as np
+
+from bebop_jax.analyze import analyze
+from bebop_jax.claims import claims, run_stats
+
+
+def _history(steps, s_per_step, entropy, acceptance=None, rng=None):
+    out = []
+    for i in range(steps):
+        h = {"step": i + 1, "reward": 0.1, "policy_entropy": float(entropy[i]), "rollout_tokens_per_s": 50.0,
+             "wall_s": 60.0 + s_per_step * i}  # the first step compiles: 60 s
+        if acceptance is not None:
+            a = float(acceptance[i])
+            h.update(draft_acceptance_rate=a, draft_acceptance_rate_pos_0=a + 0.1, draft_acceptance_rate_pos_1=a,
+                     draft_acceptance_rate_pos_2=a - 0.1)
+        out.append(h)
+    return out
+
+
+def _runs(seed=0):
+    rng = np.random.default_rng(seed)
+    n = 40
+    entropy = np.linspace(2.2, 1.2, n) + rng.normal(0, 0.05, n)
+    noise = lambda: rng.normal(0, 0.01, n)  # noqa: E731
+    return {
+        "e2e-tv-frozen": _history(n, 20.0, entropy, 0.8 - 0.1 * entropy + noise()),
+        "greedy-draft": _history(n, 20.0, entropy, 0.9 - 0.3 * entropy + noise()),
+        "ce-frozen": _history(n, 20.0, entropy, 0.7 - 0.1 * entropy + noise()),
+        "online-tv": _history(n, 26.0, entropy, 0.81 - 0.1 * entropy + noise()),
+        "plain": _history(n, 30.0, entropy),
+    }
+
+
+def test_run_stats_fit_the_slope_and_time_steps_after_the_first():
+    stats = run_stats(_runs()["e2e-tv-frozen"])
+    assert stats["steps"] == 40 and stats["s_per_step"] == 20.0
+    assert abs(stats["fit"]["slope"] + 0.1) < 0.02 and 0 < stats["fit"]["slope_se"] < 0.02
+    np.testing.assert_allclose(stats["per_position"], np.mean(stats["acceptance"]) + np.array([0.1, 0.0, -0.1]))
+    assert len(stats["moving"]) == 36
+
+
+def test_claims_verdicts_follow_the_numbers():
+    rows = {r["claim"]: r for r in claims({k: run_stats(v) for k, v in _runs().items()})}
+    assert {k.split()[0]: r["holds"] for k, r in rows.items()} == dict.fromkeys(
+        ("Draft", "Rejection", "e2e-TV", "Frozen", "Online", "Speculative"), "yes")
+    # entropy falls 1 nat over the run, so acceptance rises ~0.1: the heads lose nothing
+    rise = rows["Frozen e2e-TV heads keep their acceptance through RL"]["ours"].split("(")[1].split()[0]
+    assert 7.0 < float(rise) < 12.0
+    points = float(rows["e2e-TV heads accept more than CE heads"]["ours"].split(": ")[1].split()[0])
+    assert abs(points - 10.0) < 1.0
+    assert rows["Speculative rollouts speed up RL end to end"]["ours"].startswith("x1.50")
+
+
+def test_claims_say_which_runs_are_missing_and_reverse_when_the_data_do():
+    runs = _runs()
+    runs["greedy-draft"], runs["e2e-tv-frozen"] = runs["e2e-tv-frozen"], runs["greedy-draft"]  # rejection steeper
+    del runs["ce-frozen"], runs["online-tv"]
+    rows = {r["claim"].split()[0]: r for r in claims({k: run_stats(v) for k, v in runs.items()})}
+    assert rows["Rejection"]["holds"] == "no"
+    assert rows["e2e-TV"]["ours"] == "not run (ce-frozen)" and rows["Online"]["holds"] == "-"
+    flat = _history(40, 20.0, np.full(40, 1.5), np.full(40, 0.6))  # no entropy range: no slope to judge
+    assert claims({"e2e-tv-frozen": run_stats(flat)})[0]["holds"] != "yes"
+    falling = _history(40, 20.0, np.full(40, 1.5) + np.linspace(0, 0.01, 40), np.linspace(0.6, 0.45, 40))
+    assert claims({"e2e-tv-frozen": run_stats(falling)})[3]["holds"] == "no (fell -14.2 points)"
+
+
+def test_analyze_writes_the_claims_table(tmp_path):
+    for name, hist in _runs().items():
+        os.makedirs(tmp_path / "rl" / name)
+        with open(tmp_path / "rl" / name / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in hist)
+    text = open(analyze(str(tmp_path))).read()
+    assert "## The paper's claims on these RL runs" in text
+    assert "| e2e-TV heads accept more than CE heads | ~+10 points |" in text
+    assert "| plain | 40 | 30.0 |" in text and os.path.getsize(tmp_path / "report" / "rl_acceptance.png") > 1000
