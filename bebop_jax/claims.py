@@ -6,7 +6,8 @@ metrics (RUN/metrics.jsonl) to what the claims use; `claims` returns the claims 
 
 Acceptance is `draft_acceptance_rate` of each learner step's rollouts: accepted drafts / (verify steps x K),
 pooled over the step's 16-odd sequences, so one step's value carries ~+-0.03 of sampling noise; the claims
-therefore compare means over steps, with two standard errors, rather than single steps.
+therefore compare fitted lines and means over steps, with two standard errors, rather than single steps; runs
+are compared at the same policy entropy, since each RL run drifts to its own.
 """
 
 from __future__ import annotations
@@ -28,17 +29,33 @@ WINDOW = 5
 
 
 def _fit(x: np.ndarray, y: np.ndarray) -> dict:
-    """Least-squares line y = a + b x with the slope's standard error and R^2 (nan where undetermined)."""
+    """Least-squares line y = a + b x: slope, intercept, the slope's standard error, R^2, and what `_level`
+    needs (n, mean of x, its sum of squares, the residuals' standard deviation); nan where undetermined."""
     n = len(x)
     sxx = float(np.sum((x - x.mean()) ** 2))
     if n < 3 or sxx == 0.0:
-        return {"slope": float("nan"), "intercept": float("nan"), "slope_se": float("nan"), "r2": float("nan")}
+        return dict.fromkeys(("slope", "intercept", "slope_se", "r2"), float("nan"))
     slope, intercept = np.polyfit(x, y, 1)
     residual = y - (intercept + slope * x)
     syy = float(np.sum((y - y.mean()) ** 2))
-    return {"slope": float(slope), "intercept": float(intercept),
-            "slope_se": float(np.sqrt(np.sum(residual ** 2) / (n - 2) / sxx)),
-            "r2": 1.0 - float(np.sum(residual ** 2)) / syy if syy > 0 else float("nan")}
+    sigma = float(np.sqrt(np.sum(residual ** 2) / (n - 2)))
+    return {"slope": float(slope), "intercept": float(intercept), "slope_se": sigma / np.sqrt(sxx),
+            "r2": 1.0 - float(np.sum(residual ** 2)) / syy if syy > 0 else float("nan"),
+            "n": n, "x_mean": float(x.mean()), "sxx": sxx, "sigma": sigma}
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    return float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def _level(s: dict, entropy: float) -> tuple[float, float]:
+    """A run's acceptance at policy entropy `entropy` from its fitted line, with the standard error (its
+    mean and standard error over steps where the line is undetermined)."""
+    f = s["fit"]
+    if not np.isfinite(f["slope"]):
+        return _mean_se(s["acceptance"])
+    se = f["sigma"] * np.sqrt(1.0 / f["n"] + (entropy - f["x_mean"]) ** 2 / f["sxx"])
+    return f["intercept"] + f["slope"] * entropy, float(se)
 
 
 def run_stats(history: list[dict]) -> dict:
@@ -57,10 +74,6 @@ def run_stats(history: list[dict]) -> dict:
         out.update(acceptance=acc, per_position=[float(np.mean([h[k] for h in history])) for k in positions],
                    moving=moving, fit=_fit(out["entropy"], acc))
     return out
-
-
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    return float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def claims(stats: dict[str, dict]) -> list[dict]:
@@ -93,10 +106,18 @@ def claims(stats: dict[str, dict]) -> list[dict]:
         gap = abs(b["slope"]) - abs(a["slope"])
         return ours, "yes" if gap > margin else "no" if gap < -margin else "not resolved (slopes within noise)"
 
+    def compare(a, b, names):
+        """Acceptance of run a minus run b at the same policy entropy (the mean over both runs' steps): two
+        RL runs drift to different entropies, and acceptance follows entropy."""
+        h = float(np.mean(np.concatenate([a["entropy"], b["entropy"]])))
+        (la, sa), (lb, sb) = _level(a, h), _level(b, h)
+        diff, margin = la - lb, 2 * np.hypot(sa, sb)
+        ours = (f"{names[0]} {a['acceptance'].mean():.3f} vs {names[1]} {b['acceptance'].mean():.3f} over the runs; at "
+                f"the same entropy ({h:.2f} nats) {la:.3f} vs {lb:.3f}: {100 * diff:+.1f} +- {100 * margin:.1f} points")
+        return ours, diff, margin
+
     def tv_vs_ce(tv, ce):
-        (m1, s1), (m2, s2) = _mean_se(tv["acceptance"]), _mean_se(ce["acceptance"])
-        diff, margin = m1 - m2, 2 * np.hypot(s1, s2)
-        ours = f"{m1:.3f} vs {m2:.3f}: {100 * diff:+.1f} +- {100 * margin:.1f} points"
+        ours, diff, margin = compare(tv, ce, ("e2e-TV", "CE"))
         return ours, "yes" if diff > margin else "no"
 
     def stable(s):
@@ -108,10 +129,9 @@ def claims(stats: dict[str, dict]) -> list[dict]:
         return ours, "yes" if low >= -STABLE_POINTS else f"no (fell {100 * low:.1f} points)"
 
     def online(frozen, upd):
-        (m1, s1), (m2, s2) = _mean_se(frozen["acceptance"]), _mean_se(upd["acceptance"])
-        ours = (f"online {m2:.3f} vs frozen {m1:.3f} ({100 * (m2 - m1):+.1f} +- {200 * np.hypot(s1, s2):.1f} points); "
-                f"{upd['s_per_step']:.1f} vs {frozen['s_per_step']:.1f} s/step")
-        return ours, "yes" if m2 - m1 < STABLE_POINTS else "no"
+        ours, diff, margin = compare(upd, frozen, ("online", "frozen"))
+        ours += f"; {upd['s_per_step']:.1f} vs {frozen['s_per_step']:.1f} s/step"
+        return ours, "yes" if diff < STABLE_POINTS else "no"
 
     def speedup(spec, plain):
         ratio = plain["s_per_step"] / spec["s_per_step"]

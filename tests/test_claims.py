@@ -78,3 +78,15 @@ def test_analyze_writes_the_claims_table(tmp_path):
     assert "## The paper's claims on these RL runs" in text
     assert "| e2e-TV heads accept more than CE heads | ~+10 points |" in text
     assert "| plain | 40 | 30.0 |" in text and os.path.getsize(tmp_path / "report" / "rl_acceptance.png") > 1000
+
+
+def test_runs_are_compared_at_the_same_entropy():
+    """Two runs on one acceptance-entropy line, one drifting to lower entropy: equal heads, not +10 points."""
+    rng = np.random.default_rng(1)
+    hi, lo = np.linspace(2.2, 1.8, 40), np.linspace(1.6, 0.6, 40)
+    line = lambda h: 0.8 - 0.1 * h + rng.normal(0, 0.01, 40)  # noqa: E731
+    stats = {"e2e-tv-frozen": run_stats(_history(40, 20.0, lo, line(lo))),
+             "ce-frozen": run_stats(_history(40, 20.0, hi, line(hi)))}
+    assert stats["e2e-tv-frozen"]["acceptance"].mean() - stats["ce-frozen"]["acceptance"].mean() > 0.08
+    row = claims(stats)[2]
+    assert row["holds"] == "no" and abs(float(row["ours"].split(": ")[1].split()[0])) < 2.0
