@@ -5,7 +5,9 @@ greedy-draft verification, and plain decoding; then the claims table and figure 
 
 Every run is its own `bebop rl` process (OUT/rl/NAME, names and overrides from `bebop_jax.claims.VARIANTS`)
 on the same config, seed and tasks; an interrupted run resumes from its last checkpoint and a finished one
-is not rerun, so the script can be started again after a stop. The CE heads are trained first (OUT/mtp/ce:
+is not rerun, so the script can be started again after a stop. Each finished run's per-step metrics are kept
+beside the results (RESULTS_runs/NAME/metrics.jsonl, committed): a run found there with enough steps is restored into
+OUT instead of rerun (`--fresh` reruns it), so the table can be completed over several sittings. The CE heads are trained first (OUT/mtp/ce:
 `bebop pretrain-mtp --loss ce` from the trunk-copied initialisation on the shipped heads' three
 self-distilled sets). Runs one after another: their wall times are compared, so nothing else should run.
 Writes OUT/report/report.md (`bebop analyze --run OUT`), and copies the claims and per-run tables and the
@@ -46,26 +48,33 @@ def main():
     ap.add_argument("--out", default="runs/claims")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), default=list(VARIANTS), help="runs to make")
     ap.add_argument("--results", default="benchmarks/results/rl_claims")
+    ap.add_argument("--fresh", action="store_true", help="rerun runs whose metrics are kept under RESULTS_runs/")
     args = ap.parse_args()
+    kept = args.results + "_runs"
 
     logs = os.path.join(args.out, "logs")
     os.makedirs(logs, exist_ok=True)
+    runs = {name: os.path.join(args.out, "rl", name) for name in args.only}
+    for name, run in runs.items():
+        saved = os.path.join(kept, name)
+        if not args.fresh and len(read_history(run)) < args.steps <= len(read_history(saved)):
+            os.makedirs(run, exist_ok=True)
+            shutil.copy(os.path.join(saved, "metrics.jsonl"), run)
+            print(f"{name}: restored {args.steps}+ steps from {saved}", flush=True)
+    todo = [name for name, run in runs.items() if len(read_history(run)) < args.steps]
     ce_heads = os.path.join(args.out, "mtp", "ce")
-    if "ce-frozen" in args.only and not os.path.isfile(os.path.join(ce_heads, "summary.json")):
+    if "ce-frozen" in todo and not os.path.isfile(os.path.join(ce_heads, "summary.json")):
         print(f"CE heads: {args.ce_steps} steps -> {ce_heads}", flush=True)
         _bebop("pretrain-mtp", "--config", "configs/smollm2-135m-mtp.yaml", "--loss", "ce", "--run-dir", ce_heads,
                f"pretrain.steps={args.ce_steps}", "pretrain.draft_vocab=4096", CE_DATA, "pretrain.cache_hidden=false",
                "pretrain.checkpoint_every=25", log=os.path.join(logs, "ce_heads.log"))
-    for name in args.only:
-        run = os.path.join(args.out, "rl", name)
-        history = read_history(run)
-        if len(history) >= args.steps:
-            print(f"{name}: {len(history)} steps already in {run}", flush=True)
-            continue
-        print(f"{name} ({VARIANTS[name][1]}) -> {run}", flush=True)
+    for name in todo:
+        print(f"{name} ({VARIANTS[name][1]}) -> {runs[name]}", flush=True)
         overrides = [o.replace(CE_HEADS, ce_heads) for o in VARIANTS[name][0]]
-        _bebop("rl", "--config", args.config, "--run-dir", run, f"rl.steps={args.steps}", *overrides,
+        _bebop("rl", "--config", args.config, "--run-dir", runs[name], f"rl.steps={args.steps}", *overrides,
                log=os.path.join(logs, f"{name}.log"))
+        os.makedirs(os.path.join(kept, name), exist_ok=True)
+        shutil.copy(os.path.join(runs[name], "metrics.jsonl"), os.path.join(kept, name))
 
     report = analyze(args.out)
     histories = {name: read_history(os.path.join(args.out, "rl", name)) for name in VARIANTS}

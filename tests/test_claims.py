@@ -90,3 +90,25 @@ def test_runs_are_compared_at_the_same_entropy():
     assert stats["e2e-tv-frozen"]["acceptance"].mean() - stats["ce-frozen"]["acceptance"].mean() > 0.08
     row = claims(stats)[2]
     assert row["holds"] == "no" and abs(float(row["ours"].split(": ")[1].split()[0])) < 2.0
+
+
+def test_rl_claims_rebuilds_the_table_from_kept_metrics_without_running(tmp_path):
+    """benchmarks/rl_claims.py restores runs kept under RESULTS_runs/ (committed) instead of rerunning them."""
+    import subprocess
+    import sys
+
+    results = tmp_path / "res" / "rl_claims"
+    for name, hist in _runs().items():
+        os.makedirs(f"{results}_runs/{name}")
+        with open(f"{results}_runs/{name}/metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in hist)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "rl_claims.py"), "--steps", "40",
+                           "--out", str(tmp_path / "out"), "--results", str(results)],
+                          capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("restored 40+ steps") == 5
+    assert os.listdir(tmp_path / "out" / "logs") == []  # no `bebop` process ran: each writes a log there
+    table = json.load(open(f"{results}.json"))
+    assert [r["holds"] for r in table["claims"]] == ["yes"] * 6
+    assert table["runs"]["plain"]["s_per_step"] == 30.0 and os.path.getsize(f"{results}.png") > 1000
