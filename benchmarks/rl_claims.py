@@ -6,8 +6,9 @@ greedy-draft verification, and plain decoding; then the claims table and figure 
 Every run is its own `bebop rl` process (OUT/rl/NAME, names and overrides from `bebop_jax.claims.VARIANTS`)
 on the same config, seed and tasks; an interrupted run resumes from its last checkpoint and a finished one
 is not rerun, so the script can be started again after a stop. Each finished run's per-step metrics are kept
-beside the results (RESULTS_runs/NAME/metrics.jsonl, committed): a run found there with enough steps is restored into
-OUT instead of rerun (`--fresh` reruns it), so the table can be completed over several sittings. The CE heads are trained first (OUT/mtp/ce:
+beside the results (RESULTS_runs/NAME/metrics.jsonl, committed): a run found there with enough steps is
+restored into OUT instead of rerun (`--fresh` reruns it), so the table can be completed over several
+sittings. The CE heads are trained first (OUT/mtp/ce:
 `bebop pretrain-mtp --loss ce` from the trunk-copied initialisation on the shipped heads' three
 self-distilled sets). Runs one after another: their wall times are compared, so nothing else should run.
 Writes OUT/report/report.md (`bebop analyze --run OUT`), and copies the claims and per-run tables and the
@@ -40,6 +41,12 @@ def _bebop(*args: str, log: str) -> None:
                          + "".join(open(log).readlines()[-20:]))
 
 
+def _keep(run: str, saved: str) -> None:
+    """Copies a finished run's per-step metrics (RUN/metrics.jsonl) into `saved`, the committed copy."""
+    os.makedirs(saved, exist_ok=True)
+    shutil.copy(os.path.join(run, "metrics.jsonl"), saved)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/smollm2-135m-rl.yaml")
@@ -62,6 +69,8 @@ def main():
             shutil.copy(os.path.join(saved, "metrics.jsonl"), run)
             print(f"{name}: restored {args.steps}+ steps from {saved}", flush=True)
     todo = [name for name, run in runs.items() if len(read_history(run)) < args.steps]
+    for name in runs.keys() - set(todo):  # finished before this call (an earlier sitting may not have kept it)
+        _keep(runs[name], os.path.join(kept, name))
     ce_heads = os.path.join(args.out, "mtp", "ce")
     if "ce-frozen" in todo and not os.path.isfile(os.path.join(ce_heads, "summary.json")):
         print(f"CE heads: {args.ce_steps} steps -> {ce_heads}", flush=True)
@@ -73,8 +82,7 @@ def main():
         overrides = [o.replace(CE_HEADS, ce_heads) for o in VARIANTS[name][0]]
         _bebop("rl", "--config", args.config, "--run-dir", runs[name], f"rl.steps={args.steps}", *overrides,
                log=os.path.join(logs, f"{name}.log"))
-        os.makedirs(os.path.join(kept, name), exist_ok=True)
-        shutil.copy(os.path.join(runs[name], "metrics.jsonl"), os.path.join(kept, name))
+        _keep(runs[name], os.path.join(kept, name))
 
     report = analyze(args.out)
     histories = {name: read_history(os.path.join(args.out, "rl", name)) for name in VARIANTS}

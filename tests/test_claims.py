@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -20,6 +22,14 @@ def _history(steps, s_per_step, entropy, acceptance=None, rng=None):
                      draft_acceptance_rate_pos_2=a - 0.1)
         out.append(h)
     return out
+
+
+def _write_runs(root, runs):
+    """Each run's history as ROOT/NAME/metrics.jsonl, the file `bebop rl` writes."""
+    for name, hist in runs.items():
+        os.makedirs(os.path.join(root, name))
+        with open(os.path.join(root, name, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in hist)
 
 
 def _runs(seed=0):
@@ -70,10 +80,7 @@ def test_claims_say_which_runs_are_missing_and_reverse_when_the_data_do():
 
 
 def test_analyze_writes_the_claims_table(tmp_path):
-    for name, hist in _runs().items():
-        os.makedirs(tmp_path / "rl" / name)
-        with open(tmp_path / "rl" / name / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in hist)
+    _write_runs(tmp_path / "rl", _runs())
     text = open(analyze(str(tmp_path))).read()
     assert "## The paper's claims on these RL runs" in text
     assert "| e2e-TV heads accept more than CE heads | ~+10 points |" in text
@@ -94,14 +101,8 @@ def test_runs_are_compared_at_the_same_entropy():
 
 def test_rl_claims_rebuilds_the_table_from_kept_metrics_without_running(tmp_path):
     """benchmarks/rl_claims.py restores runs kept under RESULTS_runs/ (committed) instead of rerunning them."""
-    import subprocess
-    import sys
-
     results = tmp_path / "res" / "rl_claims"
-    for name, hist in _runs().items():
-        os.makedirs(f"{results}_runs/{name}")
-        with open(f"{results}_runs/{name}/metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in hist)
+    _write_runs(f"{results}_runs", _runs())
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "rl_claims.py"), "--steps", "40",
                            "--out", str(tmp_path / "out"), "--results", str(results)],
