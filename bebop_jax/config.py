@@ -200,6 +200,9 @@ class SpeculativeConfig:
     num_draft: int = 3  # K drafts per verify step (<= the heads' mtp.num_steps)
     mtp_checkpoint: str | None = None  # a pretrain-mtp run dir (latest step) or an HF dir with mtp.* tensors
     draft_vocab: int = 0  # > 0: draft from the most frequent ids only (exact; cheaper LM head per draft)
+    # drop finished rows: once at most half of a batch of >= 4 is unfinished, decoding goes on with those rows
+    # in a batch half the size (the same tokens: every sequence has its own key); each size compiles once
+    compact: bool = True
 
     def __post_init__(self):
         _check_positive("speculative", self, "num_draft")
@@ -230,6 +233,10 @@ class RLConfig:
     queue_size: int = 2
     mtp_strategy: Literal["frozen", "online-ce", "online-tv"] = "frozen"
     mtp_learning_rate: float = 1e-4
+    # the learner runs each batch cut to the shortest of this many lengths (L/n, 2L/n, .., L tokens, L =
+    # max_prompt_tokens + max_new_tokens rounded up to 64) that holds its rows: the same update, fewer FLOPs
+    # when answers are short; each length compiles once. 1 = always L.
+    length_buckets: int = 4
     seed: int = 0
     run_dir: str = "runs/rl"
     checkpoint_every: int = 5
@@ -244,7 +251,7 @@ class RLConfig:
 
     def __post_init__(self):
         _check_positive("rl", self, "steps prompts_per_step group_size max_new_tokens publish_every queue_size "
-                        "checkpoint_every max_prompt_tokens")
+                        "checkpoint_every max_prompt_tokens length_buckets")
         if not 0.0 <= self.actor_devices < 1.0:
             raise ConfigError(f"config key 'rl.actor_devices': expected a fraction in [0, 1) of the devices for the "
                               f"actor (0 = actor and learner share all devices), got {self.actor_devices}")

@@ -14,7 +14,9 @@ speculative runs are compared like for like. All of it is one jitted prefill and
 `lax.while_loop`, compiled once per (shapes, K): the temperature and the verification rule are traced
 values (the rule picks a branch of a `lax.switch`), so sweeping them recompiles nothing; each sequence keeps its own position, and slots written by rejected drafts are
 overwritten later. Per emitted token the policy log-prob and entropy (at the sampling temperature)
-are recorded; per step the accepted count.
+are recorded; per step the accepted count. Rows that have finished stop costing: `speculative_generate`
+stops the loop once at most half of a batch (>= 4 rows) is unfinished and goes on with those rows in a batch
+half the size (`compact`); every row draws from its own key, so its tokens do not change.
 
 With num_layers > 1 only the first MTP layer's cache is refreshed with true states; the later layers
 see their own draft-time states at older positions (as serving engines do for chained drafts).
@@ -161,9 +163,10 @@ def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, emb
     return jnp.stack(toks, axis=1), jnp.stack(probs, axis=1), cache
 
 
-def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, *, cfg, mtp_cfg, num_draft, greedy, top_p,
-                 eos_ids, sampler):
-    """(cond, body) of the verify loop over SpecStates whose tokens are `shape` = [B, N + R]."""
+def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, min_active, *, cfg, mtp_cfg, num_draft,
+                 greedy, top_p, eos_ids, sampler):
+    """(cond, body) of the verify loop over SpecStates whose tokens are `shape` = [B, N + R]; the loop runs
+    while more than `min_active` sequences are unfinished."""
     temperature = 0.0 if greedy else temperature
     forward, logits, embed, mtp_step = _fns(cfg, mtp_cfg)
     if draft_ids is None:
@@ -179,7 +182,7 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, *, cfg
     rows = jnp.arange(B)
 
     def cond(s: SpecState):
-        return (s.step < N) & ~jnp.all(s.done)
+        return (s.step < N) & (jnp.sum(~s.done) > min_active)
 
     def body(s: SpecState):
         key, k_draft, k_verify = sampling.split_rows(s.key, 3)
@@ -242,16 +245,18 @@ _DECODE_STATIC = ("cfg", "mtp_cfg", "num_draft", "greedy", "top_p", "eos_ids", "
 
 
 @functools.partial(jax.jit, static_argnames=_DECODE_STATIC, donate_argnums=(2,))
-def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, rule=0, *, cfg, mtp_cfg, num_draft,
-           greedy, top_p, eos_ids, sampler=None) -> SpecState:
-    """Verify steps until every sequence is done (num_draft = 0: plain decoding).
+def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, rule=0, min_active=0, *, cfg, mtp_cfg,
+           num_draft, greedy, top_p, eos_ids, sampler=None) -> SpecState:
+    """Verify steps until every sequence is done, or until at most `min_active` are not (num_draft = 0: plain
+    decoding).
 
     temperature as in `prefill`; draft_ids [Vd] (optional): the draft sub-vocabulary; rule: int32 [],
-    the index in RULES of the verification rule (traced); `sampler`: the rejection_sample implementation.
+    the index in RULES of the verification rule (traced); min_active: int32 [] (traced), where
+    `speculative_generate` stops to drop finished rows; `sampler`: the rejection_sample implementation.
     """
-    cond, body = _verify_loop(params, mtp_params, state.tokens.shape, temperature, draft_ids, rule, cfg=cfg,
-                              mtp_cfg=mtp_cfg, num_draft=num_draft, greedy=greedy, top_p=top_p, eos_ids=eos_ids,
-                              sampler=sampler)
+    cond, body = _verify_loop(params, mtp_params, state.tokens.shape, temperature, draft_ids, rule, min_active,
+                              cfg=cfg, mtp_cfg=mtp_cfg, num_draft=num_draft, greedy=greedy, top_p=top_p,
+                              eos_ids=eos_ids, sampler=sampler)
     return jax.lax.while_loop(cond, body, state)
 
 
@@ -259,10 +264,48 @@ def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, ru
 def decode_step(params, mtp_params, state: SpecState, temperature, draft_ids=None, rule=0, *, cfg, mtp_cfg,
                 num_draft, greedy, top_p, eos_ids, sampler=None) -> SpecState:
     """One verify step of `decode` (its loop's body), arguments as there: what `bebop plan` costs per step."""
-    _, body = _verify_loop(params, mtp_params, state.tokens.shape, temperature, draft_ids, rule, cfg=cfg,
+    _, body = _verify_loop(params, mtp_params, state.tokens.shape, temperature, draft_ids, rule, 0, cfg=cfg,
                            mtp_cfg=mtp_cfg, num_draft=num_draft, greedy=greedy, top_p=top_p, eos_ids=eos_ids,
                            sampler=sampler)
     return body(state)
+
+
+_PER_ROW = ("tokens", "logprobs", "entropies", "num_tokens", "position", "draft_hidden", "done", "trunk_cache",
+            "mtp_cache", "key", "verify_steps", "accepted")  # SpecState fields whose first axis is the batch
+_OUTPUT = ("tokens", "logprobs", "entropies", "num_tokens", "verify_steps", "accepted")  # kept per sequence
+
+
+def _take(state: SpecState, rows: jax.Array) -> SpecState:
+    """Rows `rows` [B'] of every per-sequence array of `state` (emitted_per_step [N, B] on its second axis)."""
+    picked = {f: jax.tree.map(lambda x: jnp.take(x, rows, axis=0), getattr(state, f)) for f in _PER_ROW}
+    return state.replace(**picked, emitted_per_step=jnp.take(state.emitted_per_step, rows, axis=1))
+
+
+@functools.lru_cache(maxsize=16)
+def _taker(shardings: tuple, treedef):
+    """`_take` jitted to place its result as the state lay (rows over the same batch axes)."""
+    return jax.jit(_take, out_shardings=jax.tree.unflatten(treedef, shardings))
+
+
+def _batch_shards(x: jax.Array) -> int:
+    """Into how many pieces the batch axis of `x` is split across devices."""
+    return x.shape[0] // x.sharding.shard_shape(x.shape)[0]
+
+
+class _Outputs:
+    """Host copies of each sequence's outputs, written as `speculative_generate` drops finished rows."""
+
+    def __init__(self, state: SpecState, batch: int):
+        self.rows = {f: np.zeros((batch,) + getattr(state, f).shape[1:], getattr(state, f).dtype) for f in _OUTPUT}
+        self.emitted = np.zeros((state.emitted_per_step.shape[0], batch), np.int32)
+
+    def write(self, state: SpecState, sequence: np.ndarray) -> None:
+        """Copies the rows of `state` whose sequence index (`sequence` [B']) is >= 0 (the rest pad a batch)."""
+        got = sharding.host_value({f: getattr(state, f) for f in _OUTPUT + ("emitted_per_step",)})
+        real = sequence >= 0
+        for f in _OUTPUT:
+            self.rows[f][sequence[real]] = got[f][real]
+        self.emitted[:, sequence[real]] = got["emitted_per_step"][:, real]
 
 
 @flax.struct.dataclass
@@ -308,11 +351,14 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
                          mtp_params=None, mtp_cfg: MTPConfig | None = None, mode: str = "rejection",
                          num_draft: int = 3, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
                          eos_ids: tuple[int, ...] = (), max_seq_len: int | None = None, sampler=None,
-                         draft_ids=None) -> Rollout:
+                         draft_ids=None, compact: bool = True) -> Rollout:
     """Generates from token-list prompts with MTP drafts verified by `mode` (or plain, mode='none').
 
     key: one key (row b draws from fold_in(key, b)) or one key per prompt [B] (`prefill`).
     draft_ids [Vd]: optional draft sub-vocabulary (e.g. `frequent_tokens`); exactness is unaffected.
+    compact: once at most half of a batch of >= 4 rows is unfinished, go on with those rows in a batch half
+    the size (finished rows stop costing; each sequence draws from its own key, so its tokens are the same);
+    every batch size compiles `decode` once.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -335,12 +381,28 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
                     cache_len=cache_len, **static)
     ids = None if draft_ids is None or mode == "none" else jnp.asarray(draft_ids, jnp.int32)
     rule = jnp.int32(RULES.index(mode) if mode in RULES else 0)
-    state = decode(params, mtp_params, state, temperature, ids, rule, sampler=sampler, **static)
-    state = sharding.host_value(state.replace(trunk_cache=(), mtp_cache=(), draft_hidden=None, key=None))  # no caches
-    N, steps = max_new_tokens, int(state.step)
-    return Rollout(tokens=state.tokens[:, :N], num_tokens=state.num_tokens, logprobs=state.logprobs[:, :N],
-                   entropies=state.entropies[:, :N], verify_steps=state.verify_steps, accepted=state.accepted,
-                   accepted_at=state.accepted_at[:num_draft], emitted_per_step=state.emitted_per_step[:steps])
+    outputs = _Outputs(state, len(prompts))
+    sequence = np.arange(len(prompts))  # the prompt of each row of `state`; -1: a finished row padding the batch
+    while True:
+        half = sequence.size // 2
+        if not (compact and half >= 2 and half % _batch_shards(state.tokens) == 0):
+            half = 0  # run to the end
+        state = decode(params, mtp_params, state, temperature, ids, rule, jnp.int32(half), sampler=sampler, **static)
+        done = sharding.host_value(state.done)
+        if half == 0 or done.all():
+            break
+        outputs.write(state, sequence)
+        active = np.flatnonzero(~done)
+        keep = np.concatenate([active, np.flatnonzero(done)[:half - active.size]])
+        sequence = np.where(np.arange(half) < active.size, sequence[keep], -1)
+        leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, state))
+        state = _taker(tuple(leaves), treedef)(state, jnp.asarray(keep, jnp.int32))
+    outputs.write(state, sequence)
+    out, N = outputs.rows, max_new_tokens
+    steps, accepted_at = sharding.host_value((state.step, state.accepted_at))
+    return Rollout(tokens=out["tokens"][:, :N], num_tokens=out["num_tokens"], logprobs=out["logprobs"][:, :N],
+                   entropies=out["entropies"][:, :N], verify_steps=out["verify_steps"], accepted=out["accepted"],
+                   accepted_at=accepted_at[:num_draft], emitted_per_step=outputs.emitted[:int(steps)])
 
 
 def frequent_tokens(token_arrays, vocab_size: int, size: int, always: tuple[int, ...] = ()) -> np.ndarray:

@@ -11,6 +11,8 @@ Measured side by side in one process (f32, medians):
                 separate pi_prox forward first
   floor         the matmul FLOPs of that work (every dot_general of its jaxprs, gradients included)
                 divided by the matmul rate
+  length buckets the same step on the rows cut to each of `rl.length_buckets` lengths (what the loop runs when
+                the batch's answers end early: `learner.trim_trajectories`), seconds and ratio to the full length
 Prints step / floor (issue 16's target: <= 1.7) and the first call's compile seconds. Writes JSON.
 """
 
@@ -27,7 +29,8 @@ import numpy as np
 
 from bebop_jax.config import load_config
 from bebop_jax.model import load_model
-from bebop_jax.rl.learner import LearnerSettings, Trajectories, init_learner, learner_step, policy_logprobs
+from bebop_jax.rl.learner import (LearnerSettings, Trajectories, bucket_length, init_learner, learner_step,
+                                  policy_logprobs)
 from timing import median_seconds, write_result
 
 
@@ -110,9 +113,22 @@ def main():
     print(f"learner step {step_s:.2f} s, floor {floor_s:.2f} s at {rate:.0f} GFLOP/s: step / floor {step_s / floor_s:.2f}")
     print(f"with a separate pi_prox forward (the loop before): {step_prox_s:.2f} s, {step_prox_s / floor_s:.2f} x floor")
     print(f"first compile of learner_step: {compile_s:.1f} s")
+    buckets = {}
+    for cut in sorted({bucket_length(f, L, rl.length_buckets) for f in range(1, L + 1)} - {L}):
+        short = traj.replace(tokens=tokens[:, :cut], loss_mask=mask[:, :cut], behaviour_logprobs=traj.behaviour_logprobs[:, :cut])
+        step = learner_step.lower(state, short, None, None, **static).compile()
+
+        def update_short():
+            holder["state"], metrics = step(holder["state"], short, None, None)  # noqa: B023 (called here)
+            return metrics["loss"]
+
+        buckets[cut] = median_seconds(update_short, args.repeats)
+    buckets[L] = step_s
+    print("length buckets (rl.length_buckets=%d): " % rl.length_buckets
+          + ", ".join(f"{cut} tokens {t:.2f} s (x{t / step_s:.2f})" for cut, t in buckets.items()))
     write_result(args.out, model=cfg.model.source, batch=B, tokens_per_row=L, matmul_tflop=flops / 1e12,
                  matmul_gflops=rates, step_s=step_s, step_with_prox_forward_s=step_prox_s, floor_s=floor_s,
-                 step_over_floor=step_s / floor_s, compile_s=compile_s)
+                 step_over_floor=step_s / floor_s, compile_s=compile_s, bucket_step_s=buckets)
 
 
 if __name__ == "__main__":

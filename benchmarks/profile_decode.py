@@ -4,7 +4,8 @@
 
 Runs `speculative.decode` on math prompts (T=1, EOS off) once to compile, then once under
 `jax.profiler.trace`, and prints the fusions (XLA:CPU thunks) with the largest total time per verify step,
-with the HLO op each computes (`metadata op_name` of the compiled program). Profiling slows the run:
+with the HLO op each computes (`metadata op_name` of the compiled program), then the same totals per part
+(op names with the layer index dropped: all 30 layers' MLP products as one line). Profiling slows the run:
 the per-step total is for comparison between variants, not a speed. --num-draft 0 profiles plain decoding.
 This is how session 12 found the draft heads' product materialising a [4096, 8, 576] broadcast.
 """
@@ -43,6 +44,11 @@ def fusion_totals(trace_dir: str) -> dict[str, tuple[float, int]]:
             totals[e["name"]][0] += e["dur"]
             totals[e["name"]][1] += 1
     return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
+def op_group(op_name: str) -> str:
+    """An HLO op's part of the program: its op_name with layer indices and the jit/while prefix dropped."""
+    return re.sub(r"layers_\d+", "layers_*", op_name.replace("jit(decode)/while/body/", ""))
 
 
 def main():
@@ -85,6 +91,12 @@ def main():
     fusions = {k: v for k, v in totals.items() if k in ops}
     for name, (us, count) in sorted(fusions.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"  {us / steps / 1e3:7.2f} ms/step  x{count / steps:4.1f}  {name:<28} {ops[name][:90]}")
+    groups: dict[str, float] = collections.defaultdict(float)
+    for name, (us, _) in fusions.items():
+        groups[op_group(ops[name])] += us
+    print(f"per part ({sum(groups.values()) / steps / 1e3:.1f} ms/step in fusions, layers summed):")
+    for group, us in sorted(groups.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"  {us / steps / 1e3:7.2f} ms/step  {group}")
 
 
 if __name__ == "__main__":

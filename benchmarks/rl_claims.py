@@ -4,7 +4,9 @@ greedy-draft verification, and plain decoding; then the claims table and figure 
     python benchmarks/rl_claims.py [--config configs/smollm2-135m-rl.yaml] [--steps 40] [--out runs/claims]
 
 Every run is its own `bebop rl` process (OUT/rl/NAME, names and overrides from `bebop_jax.claims.VARIANTS`)
-on the same config, seed and tasks; an interrupted run resumes from its last checkpoint and a finished one
+on the same config, seed and tasks (the learner at the full length and finished rows kept in the rollout batch,
+`rl.length_buckets=1 speculative.compact=false`, as the runs kept from session 15 ran, so that every run's wall
+time compares); an interrupted run resumes from its last checkpoint and a finished one
 is not rerun, so the script can be started again after a stop. Each finished run's per-step metrics are kept
 beside the results (RESULTS_runs/NAME/metrics.jsonl, committed): a run found there with enough steps is
 restored into OUT instead of rerun (`--fresh` reruns it), so the table can be completed over several
@@ -81,7 +83,7 @@ def main():
         print(f"{name} ({VARIANTS[name][1]}) -> {runs[name]}", flush=True)
         overrides = [o.replace(CE_HEADS, ce_heads) for o in VARIANTS[name][0]]
         _bebop("rl", "--config", args.config, "--run-dir", runs[name], f"rl.steps={args.steps}", *overrides,
-               log=os.path.join(logs, f"{name}.log"))
+               "rl.length_buckets=1", "speculative.compact=false", log=os.path.join(logs, f"{name}.log"))
         _keep(runs[name], os.path.join(kept, name))
 
     report = analyze(args.out)

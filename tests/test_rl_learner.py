@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from bebop_jax.model.transformer import TransformerConfig, init_params
-from bebop_jax.rl.learner import (LearnerSettings, Trajectories, grpo_advantages, init_learner, learner_step,
-                                  policy_logprobs, ppo_loss, token_logprobs)
+from bebop_jax.rl.learner import (LearnerSettings, Trajectories, bucket_length, grpo_advantages, init_learner,
+                                  learner_step, policy_logprobs, ppo_loss, token_logprobs, trim_trajectories)
 
 
 def test_grpo_advantages_by_hand():
@@ -118,6 +118,38 @@ def test_learner_step_without_prox_logprobs_is_the_step_with_them(tiny):
     for name in ("loss", "behaviour_kl", "is_weight", "grad_norm"):
         np.testing.assert_allclose(float(m1[name]), float(m2[name]), rtol=1e-5, atol=1e-7)
     assert abs(float(m2["behaviour_kl"]) + 0.1) < 1e-5  # the step's own log-probs stand in for pi_prox
+
+
+def test_bucket_lengths():
+    assert [bucket_length(f, 128, 4) for f in (2, 32, 33, 64, 65, 97, 128)] == [32, 32, 64, 64, 96, 128, 128]
+    assert [bucket_length(f, 100, 3) for f in (2, 35, 69, 99)] == [40, 40, 72, 100]  # rounded up to 8, capped at L
+    assert bucket_length(2, 128, 1) == 128
+
+
+def test_trimmed_batch_makes_the_same_update(tiny):
+    """A batch cut to its filled length (trim_trajectories) gives the full batch's loss, metrics and new params."""
+    cfg, params = tiny
+    rng = np.random.default_rng(0)
+    L, filled = 64, [20, 13, 9, 0]  # the last row: padding (no completion)
+    tokens = np.zeros((4, L), np.int32)
+    mask = np.zeros((4, L), bool)
+    for r, n in enumerate(filled):
+        tokens[r, :n] = rng.integers(1, 32, n)
+        mask[r, 5:n] = n > 0
+    logp0, _ = policy_logprobs(params, jnp.asarray(tokens), cfg=cfg, temperature=0.9)
+    traj = Trajectories(tokens=tokens, loss_mask=mask, behaviour_logprobs=np.where(mask, np.asarray(logp0) - 0.05, 0),
+                        rewards=np.array([1.0, 0.0, 0.5, 0.0], np.float32), group_ids=np.array([0, 0, 0, 1]),
+                        policy_version=np.zeros(4, np.int32))
+    cut = trim_trajectories(traj, buckets=4)
+    assert cut.tokens.shape == (4, 32) and trim_trajectories(traj, buckets=1).tokens.shape == (4, L)
+    settings = LearnerSettings(learning_rate=1e-2, temperature=0.9)
+    (full, m_full), (short, m_short) = [
+        learner_step(init_learner(jax.tree.map(jnp.copy, params), settings), jax.tree.map(jnp.asarray, t), cfg=cfg,
+                     settings=settings, num_groups=2) for t in (traj, cut)]
+    for name in ("loss", "entropy", "is_weight", "grad_norm"):
+        np.testing.assert_allclose(float(m_short[name]), float(m_full[name]), rtol=1e-5, atol=1e-7)
+    # Adam divides by sqrt(nu): a rounding-level gradient difference moves a parameter by << an update (1e-2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4), short.params, full.params)
 
 
 @pytest.mark.parametrize("rows", [(70,), (5, 14)])

@@ -47,6 +47,21 @@ def test_sync_and_async_at_staleness_zero_make_the_same_first_update(tiny_dir, t
     np.testing.assert_array_equal(flat(_params(runs["sync"], 1)), flat(_params(runs["async"], 1)))
 
 
+def test_learner_cuts_batches_to_their_length_bucket_with_the_same_update(tiny_dir, tmp_path):
+    """rl.length_buckets=4 runs the learner on the filled quarter-buckets of L=64 tokens: the update of L."""
+    runs = {}
+    for buckets in (1, 4):
+        run = str(tmp_path / f"b{buckets}")
+        train_rl(_cfg(tiny_dir, run, "rl.loop=sync", "rl.steps=2", "rl.max_new_tokens=4", f"rl.length_buckets={buckets}"),
+                 env=DigitsEnv(), progress=False)
+        runs[buckets] = read_history(run)
+    assert [h["learner_tokens"] for h in runs[1]] == [64, 64]
+    assert all(h["learner_tokens"] in (16, 32) for h in runs[4])  # prompts <= 16 + 4 new tokens
+    for a, b in zip(runs[1], runs[4]):
+        assert a["reward"] == b["reward"]
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, atol=1e-7)
+
+
 def test_resume_after_interruption_gives_the_same_next_steps(tiny_dir, tmp_path):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     train_rl(_cfg(tiny_dir, full, "rl.loop=sync", "rl.checkpoint_every=2"), env=DigitsEnv(), progress=False)

@@ -276,3 +276,25 @@ def test_a_row_with_its_own_key_is_the_same_in_any_batch(mode):
                                                                      sequence_keys(jax.random.key(3), 8), **kw).tokens)
     with pytest.raises(ValueError, match="one key or one per prompt"):
         speculative_generate(params, cfg, prompts, keys[:3], **kw)
+
+
+@pytest.mark.parametrize("mode", ["none", "rejection"])
+def test_finished_rows_are_dropped_and_every_sequence_stays_the_same(mode):
+    """compact=True goes on with the unfinished rows of a batch of 8 in batches of 4 and 2 once half have
+    ended (at EOS): every sequence, its log-probs and counts equal those of the uncompacted run."""
+    from bebop_jax import speculative
+
+    cfg, params, mtp, heads = _tiny(16, 2.0, mtp_steps=3, seed=5)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 16, n).tolist() for n in (3, 9, 5, 2, 7, 4, 11, 6)]
+    kw = dict(mtp_params=heads, mtp_cfg=mtp, mode=mode, num_draft=3, max_new_tokens=24, temperature=1.0,
+              eos_ids=(3,))
+    full = speculative_generate(params, cfg, prompts, jax.random.key(7), compact=False, **kw)
+    assert len(set(full.num_tokens.tolist())) > 3  # rows end at different lengths
+    compiled = speculative.decode._cache_size()
+    cut = speculative_generate(params, cfg, prompts, jax.random.key(7), **kw)
+    assert speculative.decode._cache_size() >= compiled + 1  # it ran on a smaller batch
+    for name in ("tokens", "num_tokens", "verify_steps", "accepted", "accepted_at", "emitted_per_step"):
+        np.testing.assert_array_equal(getattr(cut, name), getattr(full, name), err_msg=name)
+    np.testing.assert_allclose(cut.logprobs, full.logprobs, atol=1e-5)
+    np.testing.assert_allclose(cut.entropies, full.entropies, atol=1e-5)

@@ -24,6 +24,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bebop_jax.model.mtp import vocab_matrix
@@ -41,6 +42,33 @@ class Trajectories:
     rewards: jax.Array  # [B] f32 episode reward
     group_ids: jax.Array  # [B] int32 prompt group (G episodes of one task share it)
     policy_version: jax.Array  # [B] int32 learner version the actor sampled with
+
+
+def bucket_length(filled: int, length: int, buckets: int) -> int:
+    """The learner's length for rows filled to `filled` tokens: the shortest of `buckets` lengths
+    ceil(length * k / buckets) (k = 1..buckets, each rounded up to a multiple of 8) that holds them."""
+    for k in range(1, buckets + 1):
+        cut = min(length, -(-length * k // (8 * buckets)) * 8)
+        if cut >= filled:
+            return cut
+    return length
+
+
+def trim_trajectories(traj: Trajectories, buckets: int) -> Trajectories:
+    """A host batch [B, L] cut to `bucket_length` of its last trained token: the same loss and gradient.
+
+    The loss is a mean over loss_mask and the model is causal, so tokens after every row's last trained one
+    change nothing; the learner then spends its FLOPs on the filled part (short answers in a long budget).
+    buckets = 1 keeps L. Each new length compiles the learner once, so at most `buckets` compilations.
+    """
+    mask = np.asarray(traj.loss_mask)
+    L = mask.shape[1]
+    filled = int(np.max(np.where(mask.any(axis=1), L - np.argmax(mask[:, ::-1], axis=1), 0), initial=0))
+    cut = bucket_length(max(filled, 2), L, buckets)
+    if cut == L:
+        return traj
+    return traj.replace(tokens=traj.tokens[:, :cut], loss_mask=traj.loss_mask[:, :cut],
+                        behaviour_logprobs=traj.behaviour_logprobs[:, :cut])
 
 
 @flax.struct.dataclass

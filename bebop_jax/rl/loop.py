@@ -54,7 +54,7 @@ from bebop_jax.model import LoadedModel, load_model
 from bebop_jax.model.transformer import TransformerConfig
 from bebop_jax.rl.actor import Actor
 from bebop_jax.rl.environments import env_options, make_environment
-from bebop_jax.rl.learner import LearnerSettings, Trajectories, learner_step, policy_logprobs
+from bebop_jax.rl.learner import LearnerSettings, Trajectories, learner_step, policy_logprobs, trim_trajectories
 from bebop_jax.rl.mtp_update import OnlineMTPUpdater
 from bebop_jax.rl.records import append_evals, held_out_eval, summarise_run
 from bebop_jax.rl.weights import Published, learner_shardings, place_learner, publish
@@ -78,12 +78,13 @@ def traj_shardings(rows: int, length: int, mesh: Mesh, rules: sharding.Rules) ->
                         group_ids=per_row, policy_version=per_row)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _learner_fns(model_cfg: TransformerConfig, settings: LearnerSettings, num_groups: int, mesh: Mesh,
                  rules: sharding.Rules, rows: int, length: int):
     """(state shardings, Trajectories shardings, logprobs(params, tokens [R,L]) -> [R,L], update(state,
-    traj, logp_prox or None, logp_ref or None) -> (state, metrics)) on `mesh`; cached, so runs in one process (the demo's
-    three MTP strategies, a benchmark's settings) share their compilations."""
+    traj, logp_prox or None, logp_ref or None) -> (state, metrics)) on `mesh` for [rows, length] batches; cached, so
+    a run's length buckets and runs in one process (the demo's three MTP strategies, a benchmark's settings) share
+    their compilations."""
     state_sh = learner_shardings(model_cfg, settings, mesh, rules)
     traj_sh = traj_shardings(rows, length, mesh, rules)
     rows_sh = traj_sh.behaviour_logprobs  # of the [R, L] per-token arrays
@@ -133,15 +134,15 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     actor_heads = None if mtp_params is None else publish(mtp_params, actor_heads_sh)
     actor = Actor(model, env, group_size=rl.group_size, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                   mode=spec.mode, num_draft=spec.num_draft, mtp_cfg=mtp_cfg, mtp_params=actor_heads,
-                  draft_ids=draft_ids, max_prompt_tokens=rl.max_prompt_tokens,
+                  draft_ids=draft_ids, max_prompt_tokens=rl.max_prompt_tokens, compact=spec.compact,
                   max_seq_len=min(cfg.model.max_seq_len, model.cfg.max_position_embeddings))
     num_groups = rl.prompts_per_step + 1
     evaluate = held_out_eval(cfg, model) if rl.eval_tasks else None
 
     # The learner: its state on the learner mesh by logical axes; its two jitted functions bound to that mesh.
     settings = _settings(cfg)
-    state_sh, traj_sh, logprobs, update = _learner_fns(model.cfg, settings, num_groups, learner_mesh, learner_rules,
-                                                       actor.rows_for(rl.prompts_per_step), actor.length)
+    learner_fns = functools.partial(_learner_fns, model.cfg, settings, num_groups, learner_mesh, learner_rules)
+    state_sh = learner_fns(actor.rows_for(rl.prompts_per_step), actor.length)[0]
     params = sharding.put_global(model.params, state_sh.params)  # may share model.params' buffers
     ref_params = params if rl.kl_coef > 0 else None
     state = place_learner(params, settings, state_sh)
@@ -254,6 +255,8 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                     dropped += 1
                     continue
                 t0 = time.perf_counter()
+                traj = trim_trajectories(traj, rl.length_buckets)  # the same rows, cut to their filled length
+                _, traj_sh, logprobs, update = learner_fns(*traj.tokens.shape)
                 batch = sharding.put_global(traj, traj_sh)  # host rows (the same on every process) -> the mesh
                 logp_ref = None if ref_params is None else logprobs(ref_params, batch.tokens)
                 extra = {}
@@ -265,7 +268,8 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                 if not np.isfinite(lm["loss"]):
                     raise FloatingPointError(f"RL loss is {lm['loss']} at learner step {step + 1}")
                 step += 1
-                metrics = {**am, **lm, **extra, "learner_step_s": time.perf_counter() - t0, "staleness": staleness,
+                metrics = {**am, **lm, **extra, "learner_step_s": time.perf_counter() - t0,
+                           "learner_tokens": traj.tokens.shape[1], "staleness": staleness,
                            "dropped_trajectories": dropped, "wall_s": time.perf_counter() - t_start}
                 if rl.loop == "sync" or step % rl.publish_every == 0:
                     if updater is not None:
