@@ -26,6 +26,7 @@ Shape letters: B batch, K drafts, R = K + 1, N max new tokens, V vocab, D width,
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.struct
 import jax
@@ -287,9 +288,11 @@ def _taker(shardings: tuple, treedef):
     return jax.jit(_take, out_shardings=jax.tree.unflatten(treedef, shardings))
 
 
-def _batch_shards(x: jax.Array) -> int:
-    """Into how many pieces the batch axis of `x` is split across devices."""
-    return x.shape[0] // x.sharding.shard_shape(x.shape)[0]
+def _batch_shards(state: SpecState) -> int:
+    """Into how many pieces the batch axis of every per-sequence array of `state` divides (over devices)."""
+    split = lambda x, axis=0: x.shape[axis] // x.sharding.shard_shape(x.shape)[axis]  # noqa: E731
+    return math.lcm(split(state.emitted_per_step, 1),
+                    *[split(x) for f in _PER_ROW for x in jax.tree.leaves(getattr(state, f))])
 
 
 class _Outputs:
@@ -385,7 +388,7 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
     sequence = np.arange(len(prompts))  # the prompt of each row of `state`; -1: a finished row padding the batch
     while True:
         half = sequence.size // 2
-        if not (compact and half >= 2 and half % _batch_shards(state.tokens) == 0):
+        if not (compact and half >= 2 and half % _batch_shards(state) == 0):
             half = 0  # run to the end
         state = decode(params, mtp_params, state, temperature, ids, rule, jnp.int32(half), sampler=sampler, **static)
         done = sharding.host_value(state.done)

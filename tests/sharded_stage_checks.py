@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bebop_jax import sharding
+from bebop_jax import sharding, speculative
 from bebop_jax.config import MeshConfig
 from bebop_jax.model import LoadedModel
 from bebop_jax.model.mtp import MTPConfig, vocab_matrix
@@ -99,6 +99,17 @@ def check_speculative(trunk, heads, mesh, rules, results):
             "accepted_equal": bool(np.array_equal(out.accepted, ref.accepted)),
             "logprobs_max_diff": max_diff(out.logprobs, ref.logprobs),
             "accepted": int(ref.accepted.sum())}
+    # 8 prompts ending at EOS at different lengths: on the mesh the batch (split 4 ways) drops to 4 rows
+    eight = PROMPTS + [[t + 13 for t in p] for p in PROMPTS]
+    kw8 = dict(kw, max_new_tokens=16, eos_ids=(5, 17, 29, 41, 53), temperature=1.0)
+    ref = speculative_generate(trunk, CFG, eight, jax.random.key(4), mtp_params=heads, compact=False, **kw8)
+    programs = speculative.decode._cache_size()
+    with sharding.use_mesh(mesh, rules):
+        out = speculative_generate(trunk_sh, CFG, eight, jax.random.key(4), mtp_params=heads_sh, **kw8)
+    results["speculative"]["compacted"] = {
+        "tokens_equal": bool(np.array_equal(out.tokens, ref.tokens)), "num_tokens": ref.num_tokens.tolist(),
+        "accepted_equal": bool(np.array_equal(out.accepted, ref.accepted)),
+        "new_programs": speculative.decode._cache_size() - programs}
 
 
 def check_learner_step(trunk, mesh, rules, results):

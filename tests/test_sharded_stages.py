@@ -43,6 +43,15 @@ def test_sharded_speculative_generation_matches_one_device(stages, temperature):
         assert stages["threefry_partitionable"]
 
 
+def test_sharded_generation_drops_finished_rows_and_keeps_every_sequence(stages):
+    """8 prompts on the mesh: the batch goes on with 4 rows once half have ended, and every sequence equals
+    the one-device run that keeps all rows."""
+    run = stages["speculative"]["compacted"]
+    assert len(set(run["num_tokens"])) > 2  # rows end at different lengths
+    assert run["new_programs"] == 2  # decode at 8 and at 4 rows on the mesh
+    assert run["tokens_equal"] and run["accepted_equal"]
+
+
 def test_sharded_learner_step_matches_one_device(stages):
     learner = stages["learner"]
     assert learner["loss"] == pytest.approx(learner["ref_loss"], abs=1e-5)
