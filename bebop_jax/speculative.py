@@ -16,7 +16,8 @@ values (the rule picks a branch of a `lax.switch`), so sweeping them recompiles 
 overwritten later. Per emitted token the policy log-prob and entropy (at the sampling temperature)
 are recorded; per step the accepted count. Rows that have finished stop costing: `speculative_generate`
 stops the loop once at most half of a batch (>= 4 rows) is unfinished and goes on with those rows in a batch
-half the size (`compact`); every row draws from its own key, so its tokens do not change.
+half the size (`compact`); every row draws from its own key, so its tokens do not change (up to a near-tied
+sample that f32 rounding at another batch size flips: 1 of 80 SmolLM2 sequences, `rollout_compaction`).
 
 With num_layers > 1 only the first MTP layer's cache is refreshed with true states; the later layers
 see their own draft-time states at older positions (as serving engines do for chained drafts).
@@ -360,8 +361,8 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
     key: one key (row b draws from fold_in(key, b)) or one key per prompt [B] (`prefill`).
     draft_ids [Vd]: optional draft sub-vocabulary (e.g. `frequent_tokens`); exactness is unaffected.
     compact: once at most half of a batch of >= 4 rows is unfinished, go on with those rows in a batch half
-    the size (finished rows stop costing; each sequence draws from its own key, so its tokens are the same);
-    every batch size compiles `decode` once.
+    the size (finished rows stop costing; each sequence draws from its own key, so its tokens are those of a
+    run that keeps every row, up to rounding at another batch size); every batch size compiles `decode` once.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
