@@ -201,7 +201,8 @@ class SpeculativeConfig:
     mtp_checkpoint: str | None = None  # a pretrain-mtp run dir (latest step) or an HF dir with mtp.* tensors
     draft_vocab: int = 0  # > 0: draft from the most frequent ids only (exact; cheaper LM head per draft)
     # drop finished rows: once at most half of a batch of >= 4 is unfinished, decoding goes on with those rows
-    # in a batch half the size (the same tokens: every sequence has its own key); each size compiles once
+    # in a batch half the size (every sequence has its own key, so the same tokens up to a near-tied sample
+    # flipped by f32 rounding at another batch size); each size compiles once
     compact: bool = True
 
     def __post_init__(self):

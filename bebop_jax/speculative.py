@@ -303,10 +303,10 @@ class _Outputs:
         self.rows = {f: np.zeros((batch,) + getattr(state, f).shape[1:], getattr(state, f).dtype) for f in _OUTPUT}
         self.emitted = np.zeros((state.emitted_per_step.shape[0], batch), np.int32)
 
-    def write(self, state: SpecState, sequence: np.ndarray) -> None:
-        """Copies the rows of `state` whose sequence index (`sequence` [B']) is >= 0 (the rest pad a batch)."""
+    def write(self, state: SpecState, sequence: np.ndarray, final: np.ndarray) -> None:
+        """Copies the rows of `state` that are `final` [B'] bool and hold a sequence (`sequence` [B'] >= 0)."""
         got = sharding.host_value({f: getattr(state, f) for f in _OUTPUT + ("emitted_per_step",)})
-        real = sequence >= 0
+        real = (sequence >= 0) & final
         for f in _OUTPUT:
             self.rows[f][sequence[real]] = got[f][real]
         self.emitted[:, sequence[real]] = got["emitted_per_step"][:, real]
@@ -395,13 +395,13 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
         done = sharding.host_value(state.done)
         if half == 0 or done.all():
             break
-        outputs.write(state, sequence)
+        outputs.write(state, sequence, done)  # a finished row's outputs are final; the others are written later
         active = np.flatnonzero(~done)
         keep = np.concatenate([active, np.flatnonzero(done)[:half - active.size]])
         sequence = np.where(np.arange(half) < active.size, sequence[keep], -1)
         leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, state))
         state = _taker(tuple(leaves), treedef)(state, jnp.asarray(keep, jnp.int32))
-    outputs.write(state, sequence)
+    outputs.write(state, sequence, np.ones(sequence.size, bool))
     out, N = outputs.rows, max_new_tokens
     steps, accepted_at = sharding.host_value((state.step, state.accepted_at))
     return Rollout(tokens=out["tokens"][:, :N], num_tokens=out["num_tokens"], logprobs=out["logprobs"][:, :N],

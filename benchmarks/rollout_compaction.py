@@ -15,6 +15,7 @@ plain with and without it. Writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -42,10 +43,9 @@ def main():
     model = load_model(cfg.model.source, cfg.model.dtype)
     env = make_environment(rl.environment, **env_options(rl, None))
     mtp_cfg, mtp_params, draft_ids = load_mtp_heads(spec.mtp_checkpoint, model.cfg)
-    actors = {name: Actor(model, env, group_size=rl.group_size, max_new_tokens=rl.max_new_tokens,
-                          temperature=rl.temperature, mode=mode, num_draft=spec.num_draft, mtp_cfg=mtp_cfg,
-                          mtp_params=mtp_params, draft_ids=draft_ids, max_prompt_tokens=rl.max_prompt_tokens,
-                          compact=compact) for name, (mode, compact) in WAYS.items()}
+    actors = {name: Actor.from_config(
+        dataclasses.replace(cfg, speculative=dataclasses.replace(spec, mode=mode, compact=compact)), model, env,
+        mtp_cfg, mtp_params, draft_ids) for name, (mode, compact) in WAYS.items()}
     batches = [(env.sample_tasks(np.random.default_rng([rl.seed, i]), rl.prompts_per_step),
                 jax.random.fold_in(jax.random.key(rl.seed), i)) for i in range(args.batches)]
     for name, actor in actors.items():  # compile every batch size each way meets

@@ -2,9 +2,10 @@
 
     python benchmarks/spec_decode.py --mtp runs/pretrain-mtp-e2e_tv [--batch 1 8 32] [--temperature 1 0]
         [--num-draft 1 2 3 4] [--mode rejection] [--draft-vocab 0 4096] [--max-new-tokens 64]
-        [--min-sequences 8] [--out FILE]
+        [--min-sequences 8] [--prompts math|chat] [--out FILE]
 
-Prompts are the built-in math problems (the RL environment's), in the chat template, all of one padded
+Prompts are the built-in math problems (the RL environment's) or, with `--prompts chat`, the built-in general
+instructions (`bebop_jax.chat_prompts`, as `bebop generate` meets them), in the chat template, all of one padded
 width (one compiled program per setting). Every setting runs the same engine (`mode=none` is plain
 decoding) on the same prompts; a setting covers at least `--min-sequences` sequences, as
 ceil(min_sequences / batch) batches of different prompts and keys, so batch 1 is not one sample.
@@ -26,15 +27,19 @@ import numpy as np
 
 from bebop_jax.checkpoint import load_mtp_heads
 from bebop_jax.batching import pad_prompts
+from bebop_jax.chat_prompts import make_prompt
 from bebop_jax.math_prompts import make_problem
 from bebop_jax.model import load_model
 from bebop_jax.speculative import combine_rollouts, frequent_tokens, speculative_generate
 from timing import median_seconds, write_result
 
 
-def same_width_prompts(tokenizer, rng, n: int) -> list[list[int]]:
-    """`n` chat-template math prompts that all pad to one width (the commonest among 4n drawn)."""
-    pool = [tokenizer.encode_prompt(make_problem(rng)[0], chat=True) for _ in range(4 * n)]
+PROMPTS = {"math": lambda rng: make_problem(rng)[0], "chat": make_prompt}
+
+
+def same_width_prompts(tokenizer, rng, n: int, source: str = "math") -> list[list[int]]:
+    """`n` chat-template prompts of `source` (PROMPTS) that all pad to one width (the commonest among 4n drawn)."""
+    pool = [tokenizer.encode_prompt(PROMPTS[source](rng), chat=True) for _ in range(4 * n)]
     widths = np.array([pad_prompts([p])[0].shape[1] for p in pool])
     common = np.bincount(widths).argmax()
     chosen = [p for p, w in zip(pool, widths) if w == common][:n]
@@ -57,6 +62,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--min-sequences", type=int, default=8, help="sequences per setting (batches of different prompts)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompts", default="math", choices=sorted(PROMPTS), help="built-in prompt source")
     ap.add_argument("--out", default="benchmarks/results/spec_decode.json")
     args = ap.parse_args()
 
@@ -66,7 +72,7 @@ def main():
     vocab_sizes = [len(head_ids)] if head_ids is not None else args.draft_vocab
     rng = np.random.default_rng(args.seed)
     sets = {b: -(-args.min_sequences // b) for b in args.batch}  # batches of distinct prompts per setting
-    prompts = same_width_prompts(model.tokenizer, rng, max(b * n for b, n in sets.items()))
+    prompts = same_width_prompts(model.tokenizer, rng, max(b * n for b, n in sets.items()), args.prompts)
     # frequency ranking for the draft sub-vocabulary: the policy's own greedy answers to other problems
     calib = None
     if head_ids is None and any(vocab_sizes):
@@ -107,7 +113,7 @@ def main():
                           f"tok/s  spec {r['spec_tokens_per_s']:7.1f} tok/s  x{r['speedup']:.2f}  "
                           f"accept {r['draft_acceptance_rate']:.3f}  len {r['draft_mean_acceptance_length']:.2f}",
                           flush=True)
-    write_result(args.out, model=args.model, mtp=args.mtp, rows=rows)
+    write_result(args.out, model=args.model, mtp=args.mtp, prompts=args.prompts, rows=rows)
 
 
 if __name__ == "__main__":

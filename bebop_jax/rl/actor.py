@@ -37,6 +37,15 @@ class Actor:
         self.max_prompt_tokens, self.max_seq_len = max_prompt_tokens, max_seq_len
         self.length = _bucket(max_prompt_tokens + max_new_tokens, 64)  # L of every Trajectories batch
 
+    @classmethod
+    def from_config(cls, cfg, model: LoadedModel, env, mtp_cfg=None, mtp_params=None, draft_ids=None) -> "Actor":
+        """The actor of a run config: its `rl` section's episodes, its `speculative` section's decoding."""
+        rl, spec = cfg.rl, cfg.speculative
+        return cls(model, env, group_size=rl.group_size, max_new_tokens=rl.max_new_tokens,
+                   temperature=rl.temperature, mode=spec.mode, num_draft=spec.num_draft, mtp_cfg=mtp_cfg,
+                   mtp_params=mtp_params, draft_ids=draft_ids, max_prompt_tokens=rl.max_prompt_tokens,
+                   compact=spec.compact, max_seq_len=min(cfg.model.max_seq_len, model.cfg.max_position_embeddings))
+
     def rows_for(self, num_tasks: int) -> int:
         """Static row count of a batch: every episode may use every turn."""
         return num_tasks * self.group_size * self.env.max_turns

@@ -132,10 +132,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
     actor_params_sh = sharding.param_shardings(model.cfg, actor_mesh, actor_rules)
     actor_heads_sh = None if mtp_params is None else heads_sh(actor_mesh, actor_rules)
     actor_heads = None if mtp_params is None else publish(mtp_params, actor_heads_sh)
-    actor = Actor(model, env, group_size=rl.group_size, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                  mode=spec.mode, num_draft=spec.num_draft, mtp_cfg=mtp_cfg, mtp_params=actor_heads,
-                  draft_ids=draft_ids, max_prompt_tokens=rl.max_prompt_tokens, compact=spec.compact,
-                  max_seq_len=min(cfg.model.max_seq_len, model.cfg.max_position_embeddings))
+    actor = Actor.from_config(cfg, model, env, mtp_cfg, actor_heads, draft_ids)
     num_groups = rl.prompts_per_step + 1
     evaluate = held_out_eval(cfg, model) if rl.eval_tasks else None
 

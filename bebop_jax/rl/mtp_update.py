@@ -51,15 +51,16 @@ class OnlineMTPUpdater:
         state_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
                                 and x.sharding.mesh == mesh else replicated, state)
         self.state = sharding.put_global(state, state_sh)
-        self._jit = lambda settings: jax.jit(  # noqa: E731
-            functools.partial(_online_step, cfg=model.cfg, mtp=mtp_cfg, settings=settings, draft_ids=draft_ids),
-            out_shardings=(state_sh, replicated), donate_argnums=0)
-        self._steps = {}  # one jitted step per batch length (the learner's length buckets)
+
+        @functools.lru_cache(maxsize=None)
+        def step_for(length: int):  # one jitted step per batch length (the learner's length buckets)
+            settings = dataclasses.replace(self.settings, num_origins=min(length, self.settings.num_origins))
+            return jax.jit(functools.partial(_online_step, cfg=model.cfg, mtp=mtp_cfg, settings=settings,
+                                             draft_ids=draft_ids), out_shardings=(state_sh, replicated), donate_argnums=0)
+
+        self._step_for = step_for
 
     def update(self, trunk, tokens, completion) -> dict:
         """One step with the policy's trunk params and a batch's tokens / loss mask [R, L] (global arrays)."""
-        L = tokens.shape[1]
-        if L not in self._steps:
-            self._steps[L] = self._jit(dataclasses.replace(self.settings, num_origins=min(L, self.settings.num_origins)))
-        self.state, metrics = self._steps[L](self.state, trunk, tokens, completion)
+        self.state, metrics = self._step_for(tokens.shape[1])(self.state, trunk, tokens, completion)
         return {"mtp_loss": float(metrics["loss"]), "mtp_alpha_1": float(metrics["alpha"][0])}
