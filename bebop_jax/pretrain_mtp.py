@@ -257,15 +257,20 @@ def _check_finite(loss: float, step: int) -> None:
 def _initial_heads(cfg: Config, model: LoadedModel, mtp: MTPConfig, rows: data_lib.Rows):
     """(MTP params, draft ids [Vd] or None) of a fresh run: `pretrain.init` and `pretrain.draft_vocab`.
 
-    Heads continued from a path keep that path's draft vocabulary; `draft_vocab` must then match it.
+    Heads continued from a path keep that path's draft vocabulary when `draft_vocab` is its size; another size
+    drafts from the `draft_vocab` ids most frequent in this run's rows (0: the full vocabulary), as the heads'
+    layers do not depend on it: only the LM-head rows their softmax covers change (heads moving to new data).
     """
     pc = cfg.pretrain
+
+    def frequent_ids():
+        if not pc.draft_vocab:
+            return None
+        eos = model.tokenizer.eos_token_ids if model.tokenizer else ()
+        return draft_vocabulary(rows, model.cfg.vocab_size, min(pc.draft_vocab, model.cfg.vocab_size), tuple(eos))
+
     if pc.init in ("trunk", "random"):
-        ids = None
-        if pc.draft_vocab:
-            eos = model.tokenizer.eos_token_ids if model.tokenizer else ()
-            ids = draft_vocabulary(rows, model.cfg.vocab_size, min(pc.draft_vocab, model.cfg.vocab_size), tuple(eos))
-        return init_heads(model, mtp, pc.init, jax.random.key(pc.seed)), ids
+        return init_heads(model, mtp, pc.init, jax.random.key(pc.seed)), frequent_ids()
     try:
         heads = load_mtp_heads(pc.init, model.cfg)
     except FileNotFoundError as e:
@@ -273,10 +278,8 @@ def _initial_heads(cfg: Config, model: LoadedModel, mtp: MTPConfig, rows: data_l
     if heads.cfg != mtp:
         raise ValueError(f"pretrain.init='{pc.init}' holds heads {heads.cfg}, the config asks for {mtp}")
     size = 0 if heads.draft_ids is None else len(heads.draft_ids)
-    if pc.draft_vocab != size:
-        raise ValueError(f"pretrain.init='{pc.init}' was trained with draft_vocab={size}; set "
-                         f"pretrain.draft_vocab={size} to continue from it")
-    return jax.tree.map(jnp.asarray, heads.params), heads.draft_ids
+    ids = heads.draft_ids if pc.draft_vocab == size else frequent_ids()
+    return jax.tree.map(jnp.asarray, heads.params), ids
 
 
 def train(cfg: Config, model: LoadedModel | None = None, progress: bool = True) -> dict:

@@ -293,12 +293,22 @@ def test_draft_subvocabulary_run_learns_saves_its_ids_and_continues(tiny):
     metrics = training_metrics(model.params, heads, batch)
     np.testing.assert_allclose(report["results"][0]["alpha"], np.asarray(metrics["alpha"]), rtol=1e-4)
 
-    # continue from the trained heads with another loss: same ids; a different draft_vocab is refused
+    # continue from the trained heads with another loss: same ids; with another draft_vocab the heads' layers
+    # carry over and the ids are the new size's most frequent (0: the full vocabulary)
     pretrain_mtp.train(_cfg(base, "sub_ce", *sub, f"pretrain.init={base / 'sub'}", "pretrain.loss=ce",
                             "pretrain.steps=2"), model, progress=False)
     np.testing.assert_array_equal(load_mtp_heads(str(base / "sub_ce")).draft_ids, ids)
-    with pytest.raises(ValueError, match="pretrain.draft_vocab=24"):
-        pretrain_mtp.train(_cfg(base, "sub_full", f"pretrain.init={base / 'sub'}"), model, progress=False)
+    for size in (40, 0):
+        run = f"sub_{size}"
+        pretrain_mtp.train(_cfg(base, run, f"pretrain.draft_vocab={size}", "pretrain.steps=1",
+                                f"pretrain.init={base / 'sub'}", "pretrain.learning_rate=1e-12",
+                                f"pretrain.cache_dir={base / ('cache_' + run)}"), model, progress=False)
+        _, moved, new_ids = load_mtp_heads(str(base / run))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), moved, heads)  # the layers carry over
+        if size:
+            assert len(new_ids) == size and counts[new_ids].min() >= np.delete(counts, new_ids).max()
+        else:
+            assert new_ids is None
     with pytest.raises(ValueError, match="expected trunk, random or trained heads"):
         pretrain_mtp.train(_cfg(base, "nowhere", f"pretrain.init={base / 'missing'}"), model, progress=False)
 
