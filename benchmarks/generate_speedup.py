@@ -1,15 +1,17 @@
 """`bebop generate` with and without `--speculative`, one prompt at a time, on prompts no data set was drawn from.
 
     python benchmarks/generate_speedup.py [--mtp smollm2-135m-instruct-e2e-tv] [--num-draft 3] [--repeats 3]
-        [--max-new-tokens 128] [--prompts-file FILE] [--out FILE]
+        [--max-new-tokens 128] [--samples 1] [--prompts-file FILE] [--out FILE]
 
 What a user (or a check of its own) sees: batch 1, the chat template, T=1, EOS on, the engine exactly as
 `bebop generate` calls it (`speculative_generate`, finished rows dropped). The built-in prompts below are
 written by hand across math, code, explanation, advice, writing and rewriting, and none comes from a prompt
 template of the self-distillation sets (`bebop_jax.math_prompts`, `bebop_jax.chat_prompts`); `--prompts-file`
-takes one prompt per line instead. Per prompt, plain and speculative decoding share the key, each compiled
-and warmed up first, then timed alternately (median of `--repeats`). Speculative tokens are samples of the
-same distribution, not the same tokens, so each way's tokens/s is its own tokens over its own time.
+takes one prompt per line instead. Per prompt and sample (`--samples` keys per prompt: one sample's
+tokens per step vary by +-0.3), plain and speculative decoding share the key, each compiled and warmed up
+first, then timed alternately (median of `--repeats`); a prompt's tokens and seconds sum over its samples.
+Speculative tokens are samples of the same distribution, not the same tokens, so each way's tokens/s is its
+own tokens over its own time.
 Prints a table per prompt and the pooled speed-up (all tokens over all time, each way); writes JSON.
 """
 
@@ -47,6 +49,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=1, help="keys per prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts-file", help="one prompt per line (default: the built-in prompts)")
     ap.add_argument("--out", default="benchmarks/results/generate_speedup.json")
@@ -68,22 +71,26 @@ def main():
     rows = []
     for i, text in enumerate(prompts):
         ids = [tok.encode_prompt(text, True)]
-        key = jax.random.fold_in(jax.random.key(args.seed), i)
-        run = {name: (lambda kw=kw: speculative_generate(model.params, model.cfg, ids, key, **common, **kw))
-               for name, kw in ways.items()}
-        outs = {name: fn() for name, fn in run.items()}  # compile and warm up; the timed runs repeat these
-        times = {name: [] for name in ways}
-        for _ in range(args.repeats):
-            for name, fn in run.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        row = {"prompt": text}
-        for name, out in outs.items():
-            n = int(out.num_tokens[0])
-            row[name] = {"tokens": n, "seconds": float(np.median(times[name])),
-                         "tokens_per_s": n / float(np.median(times[name]))}
-        row["spec"]["tokens_per_step"] = outs["spec"].metrics(args.num_draft)["tokens_per_step"]
+        row = {"prompt": text, **{name: {"tokens": 0, "seconds": 0.0} for name in ways}}
+        steps = 0
+        for sample in range(args.samples):
+            key = jax.random.fold_in(jax.random.key(args.seed), i * args.samples + sample)
+            run = {name: (lambda kw=kw: speculative_generate(model.params, model.cfg, ids, key, **common, **kw))
+                   for name, kw in ways.items()}
+            outs = {name: fn() for name, fn in run.items()}  # compile and warm up; the timed runs repeat these
+            times = {name: [] for name in ways}
+            for _ in range(args.repeats):
+                for name, fn in run.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+            for name, out in outs.items():
+                row[name]["tokens"] += int(out.num_tokens[0])
+                row[name]["seconds"] += float(np.median(times[name]))
+            steps += int(outs["spec"].verify_steps[0])
+        for name in ways:
+            row[name]["tokens_per_s"] = row[name]["tokens"] / row[name]["seconds"]
+        row["spec"]["tokens_per_step"] = (row["spec"]["tokens"] - args.samples) / max(steps, 1)
         row["speedup"] = row["spec"]["tokens_per_s"] / row["plain"]["tokens_per_s"]
         rows.append(row)
         print(f"{row['plain']['tokens_per_s']:6.1f} -> {row['spec']['tokens_per_s']:6.1f} tok/s  x{row['speedup']:.2f}  "
@@ -93,6 +100,7 @@ def main():
     print(f"pooled over {len(rows)} prompts: plain {pooled['plain']:.1f} tok/s, speculative {pooled['spec']:.1f} "
           f"tok/s: x{speedup:.2f} (median per prompt x{np.median([r['speedup'] for r in rows]):.2f})")
     write_result(args.out, model=args.model, mtp=args.mtp, num_draft=args.num_draft, temperature=args.temperature,
+                 samples=args.samples, repeats=args.repeats,
                  max_new_tokens=args.max_new_tokens, rows=rows, pooled_tokens_per_s=pooled, speedup=speedup)
 
 
