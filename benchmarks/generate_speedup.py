@@ -25,7 +25,7 @@ import numpy as np
 
 from bebop_jax.checkpoint import load_mtp_heads
 from bebop_jax.model import load_model
-from bebop_jax.speculative import speculative_generate
+from bebop_jax.speculative import combine_rollouts, speculative_generate
 from timing import write_result
 
 PROMPTS = (
@@ -72,7 +72,7 @@ def main():
     for i, text in enumerate(prompts):
         ids = [tok.encode_prompt(text, True)]
         row = {"prompt": text, **{name: {"tokens": 0, "seconds": 0.0} for name in ways}}
-        steps = 0
+        spec_outs = []
         for sample in range(args.samples):
             key = jax.random.fold_in(jax.random.key(args.seed), i * args.samples + sample)
             run = {name: (lambda kw=kw: speculative_generate(model.params, model.cfg, ids, key, **common, **kw))
@@ -87,10 +87,10 @@ def main():
             for name, out in outs.items():
                 row[name]["tokens"] += int(out.num_tokens[0])
                 row[name]["seconds"] += float(np.median(times[name]))
-            steps += int(outs["spec"].verify_steps[0])
+            spec_outs.append(outs["spec"])
         for name in ways:
             row[name]["tokens_per_s"] = row[name]["tokens"] / row[name]["seconds"]
-        row["spec"]["tokens_per_step"] = (row["spec"]["tokens"] - args.samples) / max(steps, 1)
+        row["spec"]["tokens_per_step"] = combine_rollouts(spec_outs).metrics(args.num_draft)["tokens_per_step"]
         row["speedup"] = row["spec"]["tokens_per_s"] / row["plain"]["tokens_per_s"]
         rows.append(row)
         print(f"{row['plain']['tokens_per_s']:6.1f} -> {row['spec']['tokens_per_s']:6.1f} tok/s  x{row['speedup']:.2f}  "
