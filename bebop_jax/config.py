@@ -238,6 +238,10 @@ class RLConfig:
     # max_prompt_tokens + max_new_tokens rounded up to 64) that holds its rows: the same update, fewer FLOPs
     # when answers are short; each length compiles once. 1 = always L.
     length_buckets: int = 4
+    # the learner runs the prompt a task's group_size rollouts share once, and their completions on its KV
+    # cache (`rl.learner.share_prefixes`): the same update; the prefix and the rest are each cut to
+    # length_buckets lengths instead of whole rows. false = every row whole.
+    share_prefix: bool = True
     seed: int = 0
     run_dir: str = "runs/rl"
     checkpoint_every: int = 5

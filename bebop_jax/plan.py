@@ -5,6 +5,7 @@ would use, on a fake mesh of `plan.devices` CPU devices, and compiled; XLA's `me
 the compiled per-device program gives its argument, output, aliased and temporary bytes:
 
     learner  `rl.learner.learner_step`: trunk forward + backward + AdamW on one RL batch [rows, length]
+             (with rl.share_prefix, each task's prompt, max_prompt_tokens wide, runs once for its rows)
     prefill  `speculative.prefill`: one rollout batch of prompts into a fresh KV cache
     decode   `speculative.decode_step`: one step of the verify loop (K drafts, one trunk forward of K + 1
              tokens over the KV cache, rejection sampling); its state, KV cache included, is donated
@@ -59,7 +60,7 @@ from bebop_jax.model.mtp import MTPConfig
 from bebop_jax.model.transformer import CACHE_AXES, KVCache, TransformerConfig
 from bebop_jax.model.weights import config_from_hf
 from bebop_jax.pretrain_mtp import StepSettings, TrainState, train_step
-from bebop_jax.rl.learner import LearnerSettings, LearnerState, Trajectories, learner_step
+from bebop_jax.rl.learner import LearnerSettings, LearnerState, SharedPrefix, Trajectories, learner_step
 from bebop_jax.speculative import decode_step, prefill
 
 # Architectures by name, as their HF config.json says (Qwen/Qwen3-*; all untied above 4B).
@@ -101,6 +102,7 @@ class Shapes:
 
     learner_rows: int
     learner_len: int
+    learner_prefixes: int  # shared prompts the learner runs once each (rl.share_prefix); 0: whole rows
     rollout_rows: int
     prompt_len: int
     new_tokens: int
@@ -117,12 +119,14 @@ class Shapes:
                               f"got {k}")
         rows = rl.prompts_per_step * rl.group_size
         return cls(learner_rows=rows, learner_len=cache_length_for(rl.max_prompt_tokens, rl.max_new_tokens),
+                   learner_prefixes=rl.prompts_per_step + 1 if rl.share_prefix else 0,
                    rollout_rows=rows, prompt_len=rl.max_prompt_tokens, new_tokens=rl.max_new_tokens,
                    cache_len=cache_length_for(rl.max_prompt_tokens, rl.max_new_tokens, extra=k + 2), num_draft=k,
                    mtp_rows=cfg.pretrain.batch_size, mtp_len=cfg.pretrain.seq_len)
 
     def describe(self, step: str) -> str:
-        return {"learner": f"{self.learner_rows} x {self.learner_len}",
+        shared = f" ({self.learner_prefixes} x {self.prompt_len} shared)" if self.learner_prefixes else ""
+        return {"learner": f"{self.learner_rows} x {self.learner_len}{shared}",
                 "prefill": f"{self.rollout_rows} x {self.prompt_len} -> {self.cache_len}",
                 "decode": f"{self.rollout_rows} x {self.cache_len}, K={self.num_draft}",
                 "mtp": f"{self.mtp_rows} x {self.mtp_len}"}[step]
@@ -181,6 +185,11 @@ def build_learner(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step
     traj = Trajectories(tokens=_rows((B, L), jnp.int32), loss_mask=_rows((B, L), jnp.bool_),
                         behaviour_logprobs=_rows((B, L), jnp.float32), rewards=_rows((B,), jnp.float32),
                         group_ids=_rows((B,), jnp.int32), policy_version=_rows((B,), jnp.int32))
+    if shapes.learner_prefixes:
+        whole = lambda n: _box((n,), jnp.int32, (None,))  # noqa: E731
+        G, P = shapes.learner_prefixes, shapes.prompt_len
+        traj = traj.replace(prefix=SharedPrefix(source_row=whole(G), length=whole(G), of_row=whole(B), width=P,
+                                                suffix=L - P))
     fn = functools.partial(learner_step, cfg=model, settings=settings, num_groups=rl.prompts_per_step + 1)
     return Step(fn, (state, traj, _rows((B, L), jnp.float32)), (state, None), (0,),
                 {"params": state.params, "optimizer": state.opt_state})

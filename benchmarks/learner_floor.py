@@ -11,8 +11,12 @@ Measured side by side in one process (f32, medians):
                 separate pi_prox forward first
   floor         the matmul FLOPs of that work (every dot_general of its jaxprs, gradients included)
                 divided by the matmul rate
-  length buckets the same step on the rows cut to each of `rl.length_buckets` lengths (what the loop runs when
-                the batch's answers end early: `learner.trim_trajectories`), seconds and ratio to the full length
+  length buckets the same step on the rows cut to each of `rl.length_buckets` lengths (what the loop ran with
+                rl.share_prefix=false when the batch's answers end early: `learner.trim_trajectories`), seconds
+                and ratio to the full length
+  shared prefix the same step with each task's prompt run once for its group_size rows (`share_prefixes`,
+                what the loop runs by default; the rows of a group share their max_prompt_tokens prompt tokens),
+                seconds, its own floor, and the ratio to the whole-row step
 Prints step / floor (issue 16's target: <= 1.7) and the first call's compile seconds. Writes JSON.
 """
 
@@ -30,7 +34,7 @@ import numpy as np
 from bebop_jax.config import load_config
 from bebop_jax.model import load_model
 from bebop_jax.rl.learner import (LearnerSettings, Trajectories, bucket_length, init_learner, learner_step,
-                                  policy_logprobs)
+                                  policy_logprobs, share_prefixes)
 from timing import median_seconds, write_result
 
 
@@ -77,7 +81,9 @@ def main():
     rng = np.random.default_rng(0)
     settings = LearnerSettings(temperature=rl.temperature, clip_eps=rl.clip_eps, is_cap=rl.is_cap,
                                kl_coef=rl.kl_coef, learning_rate=rl.learning_rate)
-    tokens = jnp.asarray(rng.integers(0, mcfg.vocab_size, (B, L)), jnp.int32)
+    tokens = rng.integers(0, mcfg.vocab_size, (B, L))
+    tokens[:, :P] = np.repeat(tokens[::rl.group_size, :P], rl.group_size, axis=0)  # a group shares its prompt
+    tokens = jnp.asarray(tokens, jnp.int32)
     mask = jnp.asarray(np.arange(L)[None, :] >= P).repeat(B, axis=0)
     behaviour = policy_logprobs(model.params, tokens, cfg=mcfg, temperature=settings.temperature)[0]
     traj = Trajectories(tokens=tokens, loss_mask=mask, behaviour_logprobs=jnp.where(mask, behaviour, 0.0),
@@ -126,9 +132,31 @@ def main():
     buckets[L] = step_s
     print("length buckets (rl.length_buckets=%d): " % rl.length_buckets
           + ", ".join(f"{cut} tokens {t:.2f} s (x{t / step_s:.2f})" for cut, t in buckets.items()))
+    shared = jax.tree.map(jnp.asarray, share_prefixes(jax.device_get(traj), rl.prompts_per_step, rl.length_buckets))
+    t0 = time.perf_counter()
+    shared_step = learner_step.lower(state, shared, None, None, **static).compile()
+    shared_compile_s = time.perf_counter() - t0
+    shared_flops = dot_flops(jax.make_jaxpr(lambda s: learner_step(s, shared, None, None, **static))(state).jaxpr)
+
+    def update_shared():
+        holder["state"], metrics = shared_step(holder["state"], shared, None, None)
+        return metrics["loss"]
+
+    shared_s = median_seconds(update_shared, args.repeats)
+    step_again_s = median_seconds(lambda: update(False), args.repeats)  # whole rows again, beside it
+    shared_floor_s = shared_flops / (rate * 1e9)
+    print(f"shared prefix ({rl.prompts_per_step} prompts x {shared.prefix.width} + {B} x {shared.prefix.suffix} "
+          f"tokens): {shared_s:.2f} s against {step_again_s:.2f} s for whole rows just before (x{step_again_s / shared_s:.2f} "
+          f"faster); {shared_flops / 1e12:.3f} TFLOP, floor {shared_floor_s:.2f} s, step / floor "
+          f"{shared_s / shared_floor_s:.2f}; compile {shared_compile_s:.1f} s")
     write_result(args.out, model=cfg.model.source, batch=B, tokens_per_row=L, matmul_tflop=flops / 1e12,
                  matmul_gflops=rates, step_s=step_s, step_with_prox_forward_s=step_prox_s, floor_s=floor_s,
-                 step_over_floor=step_s / floor_s, compile_s=compile_s, bucket_step_s=buckets)
+                 step_over_floor=step_s / floor_s, compile_s=compile_s, bucket_step_s=buckets,
+                 shared_prefix={"prefix": [rl.prompts_per_step, shared.prefix.width], "suffix": [B, shared.prefix.suffix],
+                                "step_s": shared_s, "whole_rows_step_s": step_again_s,
+                                "speedup": step_again_s / shared_s, "matmul_tflop": shared_flops / 1e12,
+                                "floor_s": shared_floor_s, "step_over_floor": shared_s / shared_floor_s,
+                                "compile_s": shared_compile_s})
 
 
 if __name__ == "__main__":

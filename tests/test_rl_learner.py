@@ -176,3 +176,62 @@ def test_vocab_token_logprobs_values_and_gradient_equal_autodiff_of_log_softmax(
     grad_ref = jax.grad(lambda h, w: jnp.sum(reference(h, w)[0] * g), (0, 1))(h, w)
     for a, b in zip(grad_ours, grad_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def _grouped_batch(rng, prompts=(7, 11), group=3, L=40, vocab=32):
+    """Rows of `group` completions per prompt (lengths 3..L-p), right-padded; one padding row in the last group."""
+    rows, masks, groups = [], [], []
+    for g, p in enumerate(prompts):
+        prompt = rng.integers(1, vocab, p)
+        for _ in range(group):
+            n = int(rng.integers(3, L - p))
+            row = np.zeros(L, np.int32)
+            row[:p], row[p:p + n] = prompt, rng.integers(1, vocab, n)
+            row[p] = prompt[0]  # a completion may begin like another row's: the prefix still ends at the prompt
+            rows.append(row)
+            masks.append((np.arange(L) >= p) & (np.arange(L) < p + n))
+            groups.append(g)
+    rows.append(np.zeros(L, np.int32))
+    masks.append(np.zeros(L, bool))
+    groups.append(len(prompts))
+    return np.stack(rows), np.stack(masks), np.array(groups, np.int32)
+
+
+def test_shared_prefixes_mark_each_groups_prompt():
+    from bebop_jax.rl.learner import share_prefixes
+    tokens, mask, groups = _grouped_batch(np.random.default_rng(1))
+    traj = Trajectories(tokens=tokens, loss_mask=mask, behaviour_logprobs=np.zeros(mask.shape, np.float32),
+                        rewards=np.zeros(7, np.float32), group_ids=groups, policy_version=np.zeros(7, np.int32))
+    pre = share_prefixes(traj, num_groups=3, buckets=4).prefix
+    np.testing.assert_array_equal(pre.length, [7, 11, 1])  # the prompts; the padding group: one token
+    np.testing.assert_array_equal(pre.source_row, [0, 3, 0])
+    np.testing.assert_array_equal(pre.of_row, groups)
+    assert pre.width == bucket_length(11, 40, 4) == 16
+    ends = 40 - np.argmax(mask[:6, ::-1], axis=1)
+    assert pre.suffix == bucket_length(int(np.max(ends - pre.length[groups[:6]])), 40, 4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prefix_learner_step_is_the_full_forward_step(tiny, temperature):
+    """Rows that share prompts give, with `share_prefixes`, the log-probs at every trained token, the loss, the
+    metrics and the updated parameters of the forward over every full row (and of a reference forward)."""
+    from bebop_jax.rl.learner import share_prefixes
+    cfg, params = tiny
+    tokens, mask, groups = _grouped_batch(np.random.default_rng(2))
+    logp0, _ = policy_logprobs(params, jnp.asarray(tokens), cfg=cfg, temperature=temperature)
+    traj = Trajectories(tokens=tokens, loss_mask=mask, behaviour_logprobs=np.where(mask, np.asarray(logp0) - 0.05, 0),
+                        rewards=np.array([1, 0, 0.5, 0, 1, 1, 0], np.float32), group_ids=groups,
+                        policy_version=np.zeros(7, np.int32))
+    shared = share_prefixes(traj, num_groups=3, buckets=4)
+    logp1, ent1 = policy_logprobs(params, jnp.asarray(tokens), shared.prefix, cfg=cfg, temperature=temperature)
+    _, ent0 = policy_logprobs(params, jnp.asarray(tokens), cfg=cfg, temperature=temperature)
+    np.testing.assert_allclose(np.where(mask, logp1, 0), np.where(mask, logp0, 0), atol=2e-5)
+    np.testing.assert_allclose(np.where(mask, ent1, 0), np.where(mask, ent0, 0), atol=2e-5)
+    settings = LearnerSettings(learning_rate=1e-2, temperature=temperature, kl_coef=0.1)
+    ref = logp0 - 0.02  # a reference policy's log-probs (the loop takes them from policy_logprobs with the prefix)
+    (full, m_full), (short, m_short) = [
+        learner_step(init_learner(jax.tree.map(jnp.copy, params), settings), jax.tree.map(jnp.asarray, t), None,
+                     ref, cfg=cfg, settings=settings, num_groups=3) for t in (traj, shared)]
+    for name in ("loss", "entropy", "is_weight", "grad_norm", "kl_ref", "clip_fraction"):
+        np.testing.assert_allclose(float(m_short[name]), float(m_full[name]), rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4), short.params, full.params)

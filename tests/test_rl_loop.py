@@ -52,14 +52,33 @@ def test_learner_cuts_batches_to_their_length_bucket_with_the_same_update(tiny_d
     runs = {}
     for buckets in (1, 4):
         run = str(tmp_path / f"b{buckets}")
-        train_rl(_cfg(tiny_dir, run, "rl.loop=sync", "rl.steps=2", "rl.max_new_tokens=4", f"rl.length_buckets={buckets}"),
-                 env=DigitsEnv(), progress=False)
+        train_rl(_cfg(tiny_dir, run, "rl.loop=sync", "rl.steps=2", "rl.max_new_tokens=4", f"rl.length_buckets={buckets}",
+                      "rl.share_prefix=false"), env=DigitsEnv(), progress=False)
         runs[buckets] = read_history(run)
     assert [h["learner_tokens"] for h in runs[1]] == [64, 64]
     assert all(h["learner_tokens"] in (16, 32) for h in runs[4])  # prompts <= 16 + 4 new tokens
     for a, b in zip(runs[1], runs[4]):
         assert a["reward"] == b["reward"]
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, atol=1e-7)
+
+
+def test_shared_prefix_learner_makes_the_update_of_whole_rows(tiny_dir, tmp_path):
+    """rl.share_prefix runs each task's prompt once for its 4 rollouts: the loss, the metrics and the parameters
+    of the learner over whole rows, with fewer tokens through the forward (KL term on: the reference too)."""
+    runs = {}
+    for share in ("false", "true"):
+        run = str(tmp_path / share)
+        train_rl(_cfg(tiny_dir, run, "rl.loop=sync", "rl.steps=2", f"rl.share_prefix={share}", "rl.kl_coef=0.1"),
+                 env=DigitsEnv(), progress=False)
+        runs[share] = read_history(run)
+    for a, b in zip(runs["false"], runs["true"]):
+        assert a["reward"] == b["reward"]
+        for name in ("loss", "kl_ref", "grad_norm", "entropy"):
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6)
+        assert b["learner_tokens"] < a["learner_tokens"]
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+    np.testing.assert_allclose(flat(_params(str(tmp_path / "true"), 2)), flat(_params(str(tmp_path / "false"), 2)),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_resume_after_interruption_gives_the_same_next_steps(tiny_dir, tmp_path):

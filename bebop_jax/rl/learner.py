@@ -12,6 +12,8 @@ log-probs the actor recorded, rewards, groups, policy versions). Per completion 
 
 (decoupled PPO: clipping against the proximal policy, staleness corrected by the truncated weight).
 Log-probs are taken at the rollout temperature, so pi_theta and mu are the same distribution family.
+The G rollouts of a task share their prompt: `share_prefixes` marks it, and the forward (policy and
+reference) runs each prompt once and the G completions on top of its KV cache (`SharedPrefix`).
 Token-mean aggregation over the whole batch. Left out on purpose: value functions (GRPO needs none),
 entropy bonuses, sequence-level ratios (GSPO).
 """
@@ -28,8 +30,21 @@ import numpy as np
 import optax
 
 from bebop_jax.model.mtp import vocab_matrix
-from bebop_jax.model.transformer import Transformer, TransformerConfig, vocab_logits
+from bebop_jax.model.transformer import Transformer, TransformerConfig, init_cache, vocab_logits
 from kernels_pallas.placement import platform
+
+
+@flax.struct.dataclass
+class SharedPrefix:
+    """Prefixes that several rows share, run once each (`share_prefixes`). P and S are static: each pair
+    compiles the learner once. Prefix p is the first `length[p]` tokens of row `source_row[p]`; every row
+    `b` with of_row[b] = p starts with them and trains on none of them."""
+
+    source_row: jax.Array  # [Gp] int32
+    length: jax.Array  # [Gp] int32, >= 1
+    of_row: jax.Array  # [B] int32
+    width: int = flax.struct.field(pytree_node=False)  # P: tokens run per prefix (>= every length)
+    suffix: int = flax.struct.field(pytree_node=False)  # S: tokens run per row after its prefix
 
 
 @flax.struct.dataclass
@@ -42,6 +57,7 @@ class Trajectories:
     rewards: jax.Array  # [B] f32 episode reward
     group_ids: jax.Array  # [B] int32 prompt group (G episodes of one task share it)
     policy_version: jax.Array  # [B] int32 learner version the actor sampled with
+    prefix: SharedPrefix | None = None  # set by `share_prefixes`: the forward runs shared prompts once
 
 
 def bucket_length(filled: int, length: int, buckets: int) -> int:
@@ -69,6 +85,35 @@ def trim_trajectories(traj: Trajectories, buckets: int) -> Trajectories:
         return traj
     return traj.replace(tokens=traj.tokens[:, :cut], loss_mask=traj.loss_mask[:, :cut],
                         behaviour_logprobs=traj.behaviour_logprobs[:, :cut])
+
+
+def share_prefixes(traj: Trajectories, num_groups: int, buckets: int) -> Trajectories:
+    """`traj` (host arrays) with its rows' shared prefixes marked: the same loss and gradient, fewer FLOPs.
+
+    The prefix of group g is the longest run of tokens that all its rows begin with and none trains on (the
+    prompt of a single-turn task); rows of groups 0..num_groups-1 point to their group's prefix. The widths
+    are `bucket_length`s of the longest prefix (P) and of the longest span from a row's prefix to its last
+    trained token (S), so a run compiles at most buckets^2 learner shapes. At G rollouts per task of prompt
+    length p and completion length n, the forward runs g (p + G n) tokens instead of g G (p + n).
+    """
+    tokens, mask = np.asarray(traj.tokens), np.asarray(traj.loss_mask)
+    groups = np.asarray(traj.group_ids)
+    B, L = tokens.shape
+    first = np.where(mask.any(axis=1), np.argmax(mask, axis=1), L)  # each row's first trained token
+    source, length = np.zeros(num_groups, np.int32), np.ones(num_groups, np.int32)
+    for g in range(num_groups):
+        rows = np.flatnonzero(groups == g)
+        if rows.size == 0 or first[rows].min() == L:  # no row of the group trains: a 1-token prefix
+            continue
+        same = np.cumprod(np.all(tokens[rows] == tokens[rows[0]], axis=0))  # 1 while every row agrees
+        source[g], length[g] = rows[0], max(1, min(int(same.sum()), int(first[rows].min())))
+    of_row = groups.astype(np.int32)
+    start = length[of_row]
+    last = np.where(mask.any(axis=1), L - np.argmax(mask[:, ::-1], axis=1), start + 1)  # one past the last trained
+    width = bucket_length(int(length.max()), L, buckets)
+    suffix = bucket_length(int(np.max(last - start)), L, buckets)
+    return traj.replace(prefix=SharedPrefix(source_row=source, length=length, of_row=of_row, width=width,
+                                            suffix=suffix))
 
 
 @flax.struct.dataclass
@@ -109,11 +154,15 @@ def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, num_groups: int, e
     return centered / (jnp.sqrt(var)[group_ids] + eps)
 
 
-def token_logprobs(params, cfg: TransformerConfig, tokens: jax.Array, temperature: float):
+def token_logprobs(params, cfg: TransformerConfig, tokens: jax.Array, temperature: float,
+                   prefix: SharedPrefix | None = None):
     """log pi(x_i | x_<i) at temperature T and the entropy of pi at i: tokens [B,L] -> ([B,L], [B,L]).
 
     Index 0 has no prediction and gets 0. The entropy carries no gradient (a metric, `vocab_token_logprobs`).
+    With `prefix`, the rows' shared prefixes run once each (`shared_prefix_logprobs`): 0 at prefix tokens.
     """
+    if prefix is not None:
+        return shared_prefix_logprobs(params, cfg, tokens, temperature, prefix)
     model = Transformer(cfg)
     B, L = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), tokens.shape)
@@ -125,6 +174,35 @@ def token_logprobs(params, cfg: TransformerConfig, tokens: jax.Array, temperatur
     pad = jnp.zeros((B, 1), jnp.float32)
     return (jnp.concatenate([pad, logp.reshape(B, L - 1)], axis=1),
             jnp.concatenate([pad, entropy.reshape(B, L - 1)], axis=1))
+
+
+def shared_prefix_logprobs(params, cfg: TransformerConfig, tokens: jax.Array, temperature: float,
+                           prefix: SharedPrefix):
+    """`token_logprobs` at the tokens after each row's shared prefix, (0, 0) elsewhere: tokens [B,L] -> 2 x [B,L].
+
+    The Gp prefixes [Gp, P] run once, filling a KV cache of P + S slots; each row's next S tokens run on its
+    prefix's cache rows (cache slot = position, so a row's tokens overwrite the prefix width's tail past its
+    own prefix, and attention masks slots past each query). Gradients reach the prefix through the cache.
+    """
+    model = Transformer(cfg)
+    B, L = tokens.shape
+    P, S = prefix.width, prefix.suffix
+    head = jnp.pad(tokens, ((0, 0), (0, max(P - L, 0))))[prefix.source_row, :P]  # [Gp, P]
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), head.shape)
+    head_hidden, cache = model.apply({"params": params}, head, positions, init_cache(cfg, head.shape[0], P + S))
+    start = prefix.length[prefix.of_row]  # [B]
+    cols = start[:, None] + jnp.arange(S, dtype=jnp.int32)  # [B, S] each row's positions after its prefix
+    tail = jnp.take_along_axis(tokens, jnp.minimum(cols, L - 1), axis=1)  # past L: no loss, any token
+    rows_cache = jax.tree.map(lambda x: jnp.take(x, prefix.of_row, axis=0), cache)
+    tail_hidden, _ = model.apply({"params": params}, tail, cols, rows_cache)  # [B, S, D]
+    last = head_hidden[prefix.of_row, start - 1]  # [B, D]: the prefix's last state predicts the first tail token
+    hidden = jnp.concatenate([last[:, None], tail_hidden[:, :-1]], axis=1)  # [B, S, D]
+    if platform() == "cpu":  # 2-D dots (see token_logprobs)
+        hidden, tail = hidden.reshape(B * S, -1), tail.reshape(-1)
+    logp, entropy = vocab_token_logprobs(hidden, vocab_matrix(cfg, params), tail, temperature, cfg.compute_dtype)
+    rows = jnp.arange(B)[:, None]
+    place = lambda x: jnp.zeros((B, L), jnp.float32).at[rows, cols].set(x.reshape(B, S), mode="drop")  # noqa: E731
+    return place(logp), place(entropy)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -191,9 +269,10 @@ def ppo_loss(logp, logp_prox, logp_behaviour, advantages, mask, settings: Learne
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def policy_logprobs(params, tokens, *, cfg: TransformerConfig, temperature: float):
+def policy_logprobs(params, tokens, prefix: SharedPrefix | None = None, *, cfg: TransformerConfig,
+                    temperature: float):
     """token_logprobs under jit, without gradients (for pi_prox and pi_ref)."""
-    return token_logprobs(params, cfg, tokens, temperature)
+    return token_logprobs(params, cfg, tokens, temperature, prefix)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "num_groups"), donate_argnums=(0,))
@@ -207,7 +286,7 @@ def learner_step(state: LearnerState, traj: Trajectories, logp_prox=None, logp_r
     advantages = grpo_advantages(traj.rewards, traj.group_ids, num_groups)
 
     def loss_fn(params):
-        logp, entropy = token_logprobs(params, cfg, traj.tokens, settings.temperature)
+        logp, entropy = token_logprobs(params, cfg, traj.tokens, settings.temperature, traj.prefix)
         prox = jax.lax.stop_gradient(logp) if logp_prox is None else logp_prox
         loss, metrics = ppo_loss(logp, prox, traj.behaviour_logprobs, advantages, traj.loss_mask, settings, logp_ref)
         mask = traj.loss_mask.astype(jnp.float32)

@@ -54,7 +54,8 @@ from bebop_jax.model import LoadedModel, load_model
 from bebop_jax.model.transformer import TransformerConfig
 from bebop_jax.rl.actor import Actor
 from bebop_jax.rl.environments import env_options, make_environment
-from bebop_jax.rl.learner import LearnerSettings, Trajectories, learner_step, policy_logprobs, trim_trajectories
+from bebop_jax.rl.learner import (LearnerSettings, SharedPrefix, Trajectories, learner_step, policy_logprobs,
+                                  share_prefixes, trim_trajectories)
 from bebop_jax.rl.mtp_update import OnlineMTPUpdater
 from bebop_jax.rl.records import append_evals, held_out_eval, summarise_run
 from bebop_jax.rl.weights import Published, learner_shardings, place_learner, publish
@@ -70,27 +71,46 @@ def _tasks(env, cfg: Config, index: int):
     return env.sample_tasks(np.random.default_rng([cfg.rl.seed, index]), cfg.rl.prompts_per_step)
 
 
-def traj_shardings(rows: int, length: int, mesh: Mesh, rules: sharding.Rules) -> Trajectories:
-    """Shardings of a Trajectories batch of [rows, length] tokens: rows over the batch axes."""
+def traj_shardings(rows: int, length: int, mesh: Mesh, rules: sharding.Rules,
+                   prefix: tuple[int, int, int] | None = None) -> Trajectories:
+    """Shardings of a Trajectories batch of [rows, length] tokens: rows over the batch axes; with prefix =
+    (prefixes, P, S), its `SharedPrefix` (small index arrays) replicated."""
     tokens = sharding.batch_sharding((rows, length), mesh, rules)
     per_row = sharding.batch_sharding((rows,), mesh, rules)
+    if prefix is not None:
+        whole = NamedSharding(mesh, PartitionSpec())
+        prefix = SharedPrefix(source_row=whole, length=whole, of_row=whole, width=prefix[1], suffix=prefix[2])
     return Trajectories(tokens=tokens, loss_mask=tokens, behaviour_logprobs=tokens, rewards=per_row,
-                        group_ids=per_row, policy_version=per_row)
+                        group_ids=per_row, policy_version=per_row, prefix=prefix)
 
 
-@functools.lru_cache(maxsize=16)
+def prefix_dims(traj: Trajectories) -> tuple[int, int, int] | None:
+    """(prefixes, P, S) of a batch's SharedPrefix (None without one): with its shape, what it compiles for."""
+    p = traj.prefix
+    return None if p is None else (len(p.source_row), p.width, p.suffix)
+
+
+def learner_tokens(traj: Trajectories) -> float:
+    """Tokens the learner's forward runs per row: L, or with shared prefixes (Gp P + B S) / B."""
+    B, L = traj.tokens.shape
+    dims = prefix_dims(traj)
+    return float(L) if dims is None else (dims[0] * dims[1] + B * dims[2]) / B
+
+
+@functools.lru_cache(maxsize=32)
 def _learner_fns(model_cfg: TransformerConfig, settings: LearnerSettings, num_groups: int, mesh: Mesh,
-                 rules: sharding.Rules, rows: int, length: int):
-    """(state shardings, Trajectories shardings, logprobs(params, tokens [R,L]) -> [R,L], update(state,
-    traj, logp_prox or None, logp_ref or None) -> (state, metrics)) on `mesh` for [rows, length] batches; cached, so
-    a run's length buckets and runs in one process (the demo's three MTP strategies, a benchmark's settings) share
-    their compilations."""
+                 rules: sharding.Rules, rows: int, length: int, prefix: tuple[int, int, int] | None = None):
+    """(state shardings, Trajectories shardings, logprobs(params, traj) -> [R,L], update(state, traj, logp_prox
+    or None, logp_ref or None) -> (state, metrics)) on `mesh` for [rows, length] batches (shared prefixes of
+    `prefix_dims`); cached, so a run's length buckets and runs in one process (the demo's three MTP strategies, a
+    benchmark's settings) share their compilations."""
     state_sh = learner_shardings(model_cfg, settings, mesh, rules)
-    traj_sh = traj_shardings(rows, length, mesh, rules)
+    traj_sh = traj_shardings(rows, length, mesh, rules, prefix)
     rows_sh = traj_sh.behaviour_logprobs  # of the [R, L] per-token arrays
     logprobs = sharding.sharded_jit(
-        lambda params, tokens: policy_logprobs(params, tokens, cfg=model_cfg, temperature=settings.temperature)[0],
-        mesh, rules, in_shardings=(state_sh.params, traj_sh.tokens), out_shardings=rows_sh)
+        lambda params, traj: policy_logprobs(params, traj.tokens, traj.prefix, cfg=model_cfg,
+                                             temperature=settings.temperature)[0],
+        mesh, rules, in_shardings=(state_sh.params, traj_sh), out_shardings=rows_sh)
     update = sharding.sharded_jit(
         lambda s, traj, prox, ref: learner_step(s, traj, prox, ref, cfg=model_cfg, settings=settings,
                                                 num_groups=num_groups),
@@ -252,10 +272,13 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                     dropped += 1
                     continue
                 t0 = time.perf_counter()
-                traj = trim_trajectories(traj, rl.length_buckets)  # the same rows, cut to their filled length
-                _, traj_sh, logprobs, update = learner_fns(*traj.tokens.shape)
+                if rl.share_prefix:  # the same rows, each group's prompt run once
+                    traj = share_prefixes(traj, num_groups, rl.length_buckets)
+                else:  # the same rows, cut to their filled length
+                    traj = trim_trajectories(traj, rl.length_buckets)
+                _, traj_sh, logprobs, update = learner_fns(*traj.tokens.shape, prefix_dims(traj))
                 batch = sharding.put_global(traj, traj_sh)  # host rows (the same on every process) -> the mesh
-                logp_ref = None if ref_params is None else logprobs(ref_params, batch.tokens)
+                logp_ref = None if ref_params is None else logprobs(ref_params, batch)
                 extra = {}
                 if updater is not None:
                     with sharding.use_mesh(learner_mesh, learner_rules):
@@ -266,7 +289,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                     raise FloatingPointError(f"RL loss is {lm['loss']} at learner step {step + 1}")
                 step += 1
                 metrics = {**am, **lm, **extra, "learner_step_s": time.perf_counter() - t0,
-                           "learner_tokens": traj.tokens.shape[1], "staleness": staleness,
+                           "learner_tokens": learner_tokens(traj), "staleness": staleness,
                            "dropped_trajectories": dropped, "wall_s": time.perf_counter() - t_start}
                 if rl.loop == "sync" or step % rl.publish_every == 0:
                     if updater is not None:
