@@ -103,7 +103,7 @@ def _generate(cfg: Config, prompts: list[str]) -> None:
           file=sys.stderr)
     kw = dict(mtp_params=mtp_params, mtp_cfg=mtp_cfg, mode=spec.mode, num_draft=spec.num_draft,
               max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, eos_ids=tok.eos_token_ids,
-              max_seq_len=max_len, draft_ids=draft_ids, compact=spec.compact)
+              max_seq_len=max_len, draft_ids=draft_ids, compact=spec.compact, max_rows=spec.max_rows)
     key = jax.random.key(g.seed)
     t0 = time.perf_counter()
     try:

@@ -204,11 +204,15 @@ class SpeculativeConfig:
     # in a batch half the size (every sequence has its own key, so the same tokens up to a near-tied sample
     # flipped by f32 rounding at another batch size); each size compiles once
     compact: bool = True
+    # > 0: speculate only on batches of at most this many rows (with compact, from the compaction that brings a
+    # batch there); larger ones take plain steps that keep the heads' state current. A verify step of R rows x
+    # (K + 1) tokens is memory-bound on a TPU up to large batches (`bebop plan`), compute-bound on a small CPU
+    # beyond a few rows (2 cores: a batch-8 K=2 step costs more than its tokens bring). 0 = always speculate.
+    max_rows: int = 0
 
     def __post_init__(self):
         _check_positive("speculative", self, "num_draft")
-        if self.draft_vocab < 0:
-            raise ConfigError(f"config key 'speculative.draft_vocab': expected >= 0, got {self.draft_vocab}")
+        _check_positive("speculative", self, "draft_vocab max_rows", 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,10 @@ are recorded; per step the accepted count. Rows that have finished stop costing:
 stops the loop once at most half of a batch (>= 4 rows) is unfinished and goes on with those rows in a batch
 half the size (`compact`); every row draws from its own key, so its tokens do not change (up to a near-tied
 sample that f32 rounding at another batch size flips: 1 of 80 SmolLM2 sequences, `rollout_compaction`).
+Where a verify step costs more than its tokens bring (large batches on a compute-bound chip), `max_rows`
+speculates only once compaction has brought the batch to that many rows: above it, `decode(speculate=False)`
+takes plain steps that still run the MTP step 1 on each new token, so drafting resumes from exact states
+(vLLM's speculative_disable_by_batch_size, at compaction points).
 
 With num_layers > 1 only the first MTP layer's cache is refreshed with true states; the later layers
 see their own draft-time states at older positions (as serving engines do for chained drafts).
@@ -60,6 +64,7 @@ class SpecState:
     mtp_cache: tuple
     key: jax.Array  # [B] one PRNG key per sequence
     verify_steps: jax.Array  # [B] int32 verify steps taken while active
+    draft_steps: jax.Array  # [B] int32 of those, the steps that drafted (the others: plain, `speculate=False`)
     accepted: jax.Array  # [B] int32 drafts accepted in total
     accepted_at: jax.Array  # [K] int32 steps (all rows) whose draft k was accepted
     emitted_per_step: jax.Array  # [N, B] int32 tokens emitted at each verify step (0 when inactive)
@@ -130,7 +135,8 @@ def prefill(params, mtp_params, tokens, lengths, key, temperature, *, cfg, mtp_c
         entropies=jnp.zeros((B, width), jnp.float32).at[:, 0].set(ent),
         num_tokens=jnp.ones((B,), jnp.int32), position=lengths.astype(jnp.int32), draft_hidden=draft_hidden,
         done=done, trunk_cache=trunk_cache, mtp_cache=mtp_cache, key=key,
-        verify_steps=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32),
+        verify_steps=jnp.zeros((B,), jnp.int32), draft_steps=jnp.zeros((B,), jnp.int32),
+        accepted=jnp.zeros((B,), jnp.int32),
         accepted_at=jnp.zeros((max(num_draft, 1),), jnp.int32), emitted_per_step=jnp.zeros((N, B), jnp.int32))
 
 
@@ -166,9 +172,10 @@ def _draft(params, mtp_params, s: SpecState, key, *, mtp_step, draft_logits, emb
 
 
 def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, min_active, *, cfg, mtp_cfg, num_draft,
-                 greedy, top_p, eos_ids, sampler):
+                 greedy, top_p, eos_ids, sampler, speculate=True):
     """(cond, body) of the verify loop over SpecStates whose tokens are `shape` = [B, N + R]; the loop runs
-    while more than `min_active` sequences are unfinished."""
+    while more than `min_active` sequences are unfinished. speculate=False (with heads): plain steps that
+    refresh the MTP step-1 state at each new token, so a later speculative call drafts from exact states."""
     temperature = 0.0 if greedy else temperature
     forward, logits, embed, mtp_step = _fns(cfg, mtp_cfg)
     if draft_ids is None:
@@ -180,7 +187,9 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, min_ac
             return vocab_logits(h, w_draft)  # [B, Vd]
     B, width = shape
     K, R = num_draft, num_draft + 1
-    N = width - R
+    N = width - R  # the state's room: R per row for one overshooting step
+    drafting = K > 0 and speculate
+    W = R if drafting else 1  # tokens through the trunk per step
     rows = jnp.arange(B)
 
     def cond(s: SpecState):
@@ -189,7 +198,7 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, min_ac
     def body(s: SpecState):
         key, k_draft, k_verify = sampling.split_rows(s.key, 3)
         last = jnp.maximum(s.tokens[rows, s.num_tokens - 1], 0)  # [B] x_n (finished rows: a dummy)
-        if K > 0:
+        if drafting:
             drafts, draft_probs, mtp_cache = _draft(
                 params, mtp_params, s, k_draft, mtp_step=mtp_step, draft_logits=draft_logits, embed=embed,
                 num_draft=K, greedy_draft=rule == RULES.index("greedy_draft"), temperature=temperature,
@@ -197,11 +206,11 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, min_ac
             verify_in = jnp.concatenate([last[:, None], drafts], axis=1)  # [B, R]
         else:
             verify_in, mtp_cache = last[:, None], s.mtp_cache
-        positions = s.position[:, None] + jnp.arange(R, dtype=jnp.int32)  # [B, R]
-        hidden, trunk_cache = forward(params, verify_in, positions, s.trunk_cache)  # [B, R, D]
-        target_logits = logits(params, hidden)  # [B, R, V]
+        positions = s.position[:, None] + jnp.arange(W, dtype=jnp.int32)  # [B, W]
+        hidden, trunk_cache = forward(params, verify_in, positions, s.trunk_cache)  # [B, W, D]
+        target_logits = logits(params, hidden)  # [B, W, V]
         target = sampling.distribution(target_logits, temperature, top_p)  # probs, log-normalisers, entropies
-        if K > 0:
+        if drafting:
             out, n_out = jax.lax.switch(rule, [functools.partial(rejection_sample, mode=m, implementation=sampler,
                                                                  validate=False, partition=sharding.kernel_partition())
                                                for m in RULES],
@@ -209,14 +218,14 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, min_ac
         else:
             out = sampling.categorical(k_verify, target.probs)  # [B, 1]
             n_out = jnp.ones((B,), jnp.int32)
-        j = jnp.arange(R)[None, :]  # [1, R]
+        j = jnp.arange(W)[None, :]  # [1, W]
         emitted = j < n_out[:, None]
         is_eos = emitted & sampling.is_eos(out, eos_ids)
         hit_eos = jnp.any(is_eos, axis=1)
         count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, n_out)
         count = jnp.minimum(count, N - s.num_tokens)
         count = jnp.where(s.done, 0, count)  # [B] tokens this step adds
-        logp = sampling.token_logprob(target_logits, out, temperature, target.log_norm)  # [B, R]
+        logp = sampling.token_logprob(target_logits, out, temperature, target.log_norm)  # [B, W]
         ent = target.entropy
         write = jnp.where(j < count[:, None], s.num_tokens[:, None] + j, width)  # out of range -> dropped
         tokens = s.tokens.at[rows[:, None], write].set(out, mode="drop")
@@ -235,7 +244,7 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, min_ac
             step=s.step + 1, tokens=tokens, logprobs=logprobs, entropies=entropies, num_tokens=num_tokens,
             position=s.position + count, draft_hidden=draft_hidden, done=done, trunk_cache=trunk_cache,
             mtp_cache=mtp_cache, key=key, verify_steps=s.verify_steps + active.astype(jnp.int32),
-            accepted=s.accepted + n_acc,
+            draft_steps=s.draft_steps + (active & drafting).astype(jnp.int32), accepted=s.accepted + n_acc,
             accepted_at=s.accepted_at + jnp.sum((n_acc[:, None] > jnp.arange(s.accepted_at.shape[0])[None])
                                                 & active[:, None], axis=0).astype(jnp.int32),
             emitted_per_step=s.emitted_per_step.at[s.step].set(count))
@@ -243,38 +252,39 @@ def _verify_loop(params, mtp_params, shape, temperature, draft_ids, rule, min_ac
     return cond, body
 
 
-_DECODE_STATIC = ("cfg", "mtp_cfg", "num_draft", "greedy", "top_p", "eos_ids", "sampler")
+_DECODE_STATIC = ("cfg", "mtp_cfg", "num_draft", "greedy", "top_p", "eos_ids", "sampler", "speculate")
 
 
 @functools.partial(jax.jit, static_argnames=_DECODE_STATIC, donate_argnums=(2,))
 def decode(params, mtp_params, state: SpecState, temperature, draft_ids=None, rule=0, min_active=0, *, cfg, mtp_cfg,
-           num_draft, greedy, top_p, eos_ids, sampler=None) -> SpecState:
+           num_draft, greedy, top_p, eos_ids, sampler=None, speculate=True) -> SpecState:
     """Verify steps until every sequence is done, or until at most `min_active` are not (num_draft = 0: plain
     decoding).
 
     temperature as in `prefill`; draft_ids [Vd] (optional): the draft sub-vocabulary; rule: int32 [],
     the index in RULES of the verification rule (traced); min_active: int32 [] (traced), where
-    `speculative_generate` stops to drop finished rows; `sampler`: the rejection_sample implementation.
+    `speculative_generate` stops to drop finished rows; `sampler`: the rejection_sample implementation;
+    speculate=False: plain steps on a state with heads (one token each, the MTP step-1 state kept current).
     """
     cond, body = _verify_loop(params, mtp_params, state.tokens.shape, temperature, draft_ids, rule, min_active,
                               cfg=cfg, mtp_cfg=mtp_cfg, num_draft=num_draft, greedy=greedy, top_p=top_p,
-                              eos_ids=eos_ids, sampler=sampler)
+                              eos_ids=eos_ids, sampler=sampler, speculate=speculate)
     return jax.lax.while_loop(cond, body, state)
 
 
 @functools.partial(jax.jit, static_argnames=_DECODE_STATIC, donate_argnums=(2,))
 def decode_step(params, mtp_params, state: SpecState, temperature, draft_ids=None, rule=0, *, cfg, mtp_cfg,
-                num_draft, greedy, top_p, eos_ids, sampler=None) -> SpecState:
+                num_draft, greedy, top_p, eos_ids, sampler=None, speculate=True) -> SpecState:
     """One verify step of `decode` (its loop's body), arguments as there: what `bebop plan` costs per step."""
     _, body = _verify_loop(params, mtp_params, state.tokens.shape, temperature, draft_ids, rule, 0, cfg=cfg,
                            mtp_cfg=mtp_cfg, num_draft=num_draft, greedy=greedy, top_p=top_p, eos_ids=eos_ids,
-                           sampler=sampler)
+                           sampler=sampler, speculate=speculate)
     return body(state)
 
 
 _PER_ROW = ("tokens", "logprobs", "entropies", "num_tokens", "position", "draft_hidden", "done", "trunk_cache",
-            "mtp_cache", "key", "verify_steps", "accepted")  # SpecState fields whose first axis is the batch
-_OUTPUT = ("tokens", "logprobs", "entropies", "num_tokens", "verify_steps", "accepted")  # kept per sequence
+            "mtp_cache", "key", "verify_steps", "draft_steps", "accepted")  # SpecState fields whose first axis is the batch
+_OUTPUT = ("tokens", "logprobs", "entropies", "num_tokens", "verify_steps", "draft_steps", "accepted")  # per sequence
 
 
 def _take(state: SpecState, rows: jax.Array) -> SpecState:
@@ -321,19 +331,23 @@ class Rollout:
     logprobs: np.ndarray  # [B, N] f32 behaviour log-probs of the emitted tokens
     entropies: np.ndarray  # [B, N] f32 policy entropy at each emitted token
     verify_steps: np.ndarray  # [B] verify (policy forward) steps per sequence
+    draft_steps: np.ndarray  # [B] of those, the steps that drafted (all of them unless `max_rows` held some back)
     accepted: np.ndarray  # [B] accepted drafts per sequence
     accepted_at: np.ndarray  # [K] steps whose draft k was accepted (summed over the batch)
     emitted_per_step: np.ndarray  # [steps, B] tokens emitted per verify step (0 when inactive)
 
     def metrics(self, num_draft: int) -> dict[str, float]:
-        """draft_acceptance_rate, draft_mean_acceptance_length, draft_acceptance_rate_pos_{i}, tokens/step."""
+        """tokens/step (per policy forward); over the steps that drafted: draft_acceptance_rate,
+        draft_mean_acceptance_length, draft_acceptance_rate_pos_{i}; and the fraction of steps that drafted."""
         steps = max(int(self.verify_steps.sum()), 1)
         out = {"tokens_per_step": float(self.num_tokens.sum() - len(self.num_tokens)) / steps}
         if num_draft > 0:
-            out["draft_acceptance_rate"] = float(self.accepted.sum()) / (steps * num_draft)
-            out["draft_mean_acceptance_length"] = 1.0 + float(self.accepted.sum()) / steps
+            drafted = max(int(self.draft_steps.sum()), 1)
+            out["draft_acceptance_rate"] = float(self.accepted.sum()) / (drafted * num_draft)
+            out["draft_mean_acceptance_length"] = 1.0 + float(self.accepted.sum()) / drafted
             for i in range(num_draft):
-                out[f"draft_acceptance_rate_pos_{i}"] = float(self.accepted_at[i]) / steps
+                out[f"draft_acceptance_rate_pos_{i}"] = float(self.accepted_at[i]) / drafted
+            out["drafting_steps_fraction"] = float(self.draft_steps.sum()) / steps
         return out
 
 
@@ -346,7 +360,8 @@ def combine_rollouts(rollouts: list[Rollout]) -> Rollout:
         raise ValueError("combine_rollouts needs at least one Rollout")
     cat = lambda name: np.concatenate([getattr(o, name) for o in rollouts])  # noqa: E731
     return Rollout(tokens=cat("tokens"), num_tokens=cat("num_tokens"), logprobs=cat("logprobs"),
-                   entropies=cat("entropies"), verify_steps=cat("verify_steps"), accepted=cat("accepted"),
+                   entropies=cat("entropies"), verify_steps=cat("verify_steps"), draft_steps=cat("draft_steps"),
+                   accepted=cat("accepted"),
                    accepted_at=np.sum([o.accepted_at for o in rollouts], axis=0),
                    emitted_per_step=np.zeros((0, 0), np.int32))
 
@@ -355,7 +370,7 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
                          mtp_params=None, mtp_cfg: MTPConfig | None = None, mode: str = "rejection",
                          num_draft: int = 3, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
                          eos_ids: tuple[int, ...] = (), max_seq_len: int | None = None, sampler=None,
-                         draft_ids=None, compact: bool = True) -> Rollout:
+                         draft_ids=None, compact: bool = True, max_rows: int = 0) -> Rollout:
     """Generates from token-list prompts with MTP drafts verified by `mode` (or plain, mode='none').
 
     key: one key (row b draws from fold_in(key, b)) or one key per prompt [B] (`prefill`).
@@ -363,6 +378,8 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
     compact: once at most half of a batch of >= 4 rows is unfinished, go on with those rows in a batch half
     the size (finished rows stop costing; each sequence draws from its own key, so its tokens are those of a
     run that keeps every row, up to rounding at another batch size); every batch size compiles `decode` once.
+    max_rows > 0: speculate only while the batch has at most this many rows (with `compact`, from the
+    compaction that brings it there on); larger batches take plain steps that keep the heads' state current.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -373,6 +390,8 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
             raise ValueError(f"mode {mode!r} needs MTP heads (mtp_cfg and mtp_params); use mode='none' without them")
         if not 1 <= num_draft <= mtp_cfg.num_steps:
             raise ValueError(f"num_draft must be in 1..{mtp_cfg.num_steps} (the heads' steps), got {num_draft}")
+    if max_rows < 0:
+        raise ValueError(f"max_rows must be >= 0 (0: speculate at every batch size), got {max_rows}")
     if key.ndim and key.shape != (len(prompts),):
         raise ValueError(f"key: expected one key or one per prompt ({len(prompts)}), found shape {key.shape}")
     tokens, lengths = pad_prompts(prompts)
@@ -391,7 +410,9 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
         half = sequence.size // 2
         if not (compact and half >= 2 and half % _batch_shards(state) == 0):
             half = 0  # run to the end
-        state = decode(params, mtp_params, state, temperature, ids, rule, jnp.int32(half), sampler=sampler, **static)
+        speculate = max_rows == 0 or sequence.size <= max_rows
+        state = decode(params, mtp_params, state, temperature, ids, rule, jnp.int32(half), sampler=sampler,
+                       speculate=speculate, **static)
         done = sharding.host_value(state.done)
         if half == 0 or done.all():
             break
@@ -405,7 +426,8 @@ def speculative_generate(params, cfg: TransformerConfig, prompts: list[list[int]
     out, N = outputs.rows, max_new_tokens
     steps, accepted_at = sharding.host_value((state.step, state.accepted_at))
     return Rollout(tokens=out["tokens"][:, :N], num_tokens=out["num_tokens"], logprobs=out["logprobs"][:, :N],
-                   entropies=out["entropies"][:, :N], verify_steps=out["verify_steps"], accepted=out["accepted"],
+                   entropies=out["entropies"][:, :N], verify_steps=out["verify_steps"],
+                   draft_steps=out["draft_steps"], accepted=out["accepted"],
                    accepted_at=accepted_at[:num_draft], emitted_per_step=outputs.emitted[:int(steps)])
 
 

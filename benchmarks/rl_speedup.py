@@ -1,4 +1,5 @@
-"""End-to-end RL wall time: (a) sync + plain decoding, (b) sync + speculative, (c) async + speculative.
+"""End-to-end RL wall time: (a) sync + plain decoding, (b) sync + speculative, (c) async + speculative,
+and (a0) sync + plain with the learner over whole rows (`rl.share_prefix=false`, the learner before session 18).
 
     python benchmarks/rl_speedup.py --config configs/smollm2-135m-rl.yaml [--steps 6] [--out FILE]
 
@@ -35,28 +36,31 @@ def main():
 
     cfg = load_config(args.config, args.overrides)
     model = load_model(cfg.model.source, cfg.model.dtype)
-    variants = {"a_sync_plain": ("sync", "none"), "b_sync_spec": ("sync", cfg.speculative.mode or "rejection"),
-                "c_async_spec": ("async", cfg.speculative.mode or "rejection")}
+    spec = cfg.speculative.mode if cfg.speculative.mode != "none" else "rejection"
+    variants = {"a_sync_plain": ("sync", "none", True), "b_sync_spec": ("sync", spec, True),
+                "c_async_spec": ("async", spec, True), "a0_whole_rows": ("sync", "none", False)}
     rows = {}
-    for name, (loop, mode) in variants.items():
+    for name, (loop, mode, share) in variants.items():
         run = os.path.join(args.run_dir, name)
         shutil.rmtree(run, ignore_errors=True)
         c = dataclasses.replace(cfg, speculative=dataclasses.replace(cfg.speculative, mode=mode),
                                 rl=dataclasses.replace(cfg.rl, loop=loop, steps=args.steps, run_dir=run,
-                                                       checkpoint_every=args.steps))
+                                                       checkpoint_every=args.steps, share_prefix=share))
         train_rl(c, model=model, progress=True)
         hist = read_history(run)
         walls = np.diff([0.0] + [h["wall_s"] for h in hist])
-        rows[name] = {"loop": loop, "mode": mode, "wall_s_per_step": float(np.mean(walls[1:])),
+        rows[name] = {"loop": loop, "mode": mode, "share_prefix": share, "wall_s_per_step": float(np.mean(walls[1:])),
+                      "learner_s_per_step": float(np.mean([h["learner_step_s"] for h in hist[1:]])),
                       "first_step_s": float(walls[0]), "reward": [h["reward"] for h in hist],
                       "acceptance": [h.get("draft_acceptance_rate") for h in hist],
                       "rollout_tokens_per_s": float(np.mean([h["rollout_tokens_per_s"] for h in hist[1:]]))}
     base = rows["a_sync_plain"]["wall_s_per_step"]
-    print(f"{'variant':<14} {'s/step':>8} {'speed-up':>9} {'rollout tok/s':>14} {'acceptance':>11}")
+    print(f"{'variant':<14} {'s/step':>8} {'speed-up':>9} {'learner s':>10} {'rollout tok/s':>14} {'acceptance':>11}")
     for name, r in rows.items():
         r["speedup_vs_a"] = base / r["wall_s_per_step"]
         acc = np.mean([a for a in r["acceptance"] if a is not None]) if r["mode"] != "none" else float("nan")
-        print(f"{name:<14} {r['wall_s_per_step']:>8.1f} {r['speedup_vs_a']:>8.2f}x {r['rollout_tokens_per_s']:>14.1f} "
+        print(f"{name:<14} {r['wall_s_per_step']:>8.1f} {r['speedup_vs_a']:>8.2f}x {r['learner_s_per_step']:>10.1f} "
+              f"{r['rollout_tokens_per_s']:>14.1f} "
               f"{acc:>11.3f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -1,10 +1,12 @@
-"""RL rollouts with and without dropping finished rows (`speculative.compact`), plain and speculative.
+"""RL rollouts with and without dropping finished rows (`speculative.compact`), plain and speculative, and
+speculative only once the batch is small (`speculative.max_rows`).
 
     python benchmarks/rollout_compaction.py [--config configs/smollm2-135m-rl.yaml] [--batches 5] [--out FILE]
 
 The RL config's actor (prompts_per_step x group_size episodes of its environment, EOS on, its max_new_tokens,
-temperature, K and MTP heads, the initial policy) rolls out the same `--batches` task batches four ways:
-plain or speculative, each with finished rows kept in the batch or dropped. A first pass over every batch
+temperature, K and MTP heads, the initial policy) rolls out the same `--batches` task batches six ways:
+plain or speculative, each with finished rows kept in the batch or dropped, and speculative with rows dropped
+drafting only on batches of at most 4 or 2 rows (plain steps above). A first pass over every batch
 compiles (dropping rows compiles one program per batch size met); the timed pass follows, the four ways
 interleaved batch by batch. Each way's sequences are compared with its counterpart's: every sequence has its own
 key, but XLA's f32 products round differently at another batch size, which can flip a near-tied sample.
@@ -28,8 +30,9 @@ from bebop_jax.rl.actor import Actor
 from bebop_jax.rl.environments import env_options, make_environment
 from timing import write_result
 
-WAYS = {"plain": ("none", False), "plain_compact": ("none", True), "spec": ("rejection", False),
-        "spec_compact": ("rejection", True)}
+WAYS = {"plain": ("none", False, 0), "plain_compact": ("none", True, 0), "spec": ("rejection", False, 0),
+        "spec_compact": ("rejection", True, 0), "spec_rows4": ("rejection", True, 4),
+        "spec_rows2": ("rejection", True, 2)}  # name: (speculative.mode, .compact, .max_rows)
 
 
 def main():
@@ -44,8 +47,8 @@ def main():
     env = make_environment(rl.environment, **env_options(rl, None))
     mtp_cfg, mtp_params, draft_ids = load_mtp_heads(spec.mtp_checkpoint, model.cfg)
     actors = {name: Actor.from_config(
-        dataclasses.replace(cfg, speculative=dataclasses.replace(spec, mode=mode, compact=compact)), model, env,
-        mtp_cfg, mtp_params, draft_ids) for name, (mode, compact) in WAYS.items()}
+        dataclasses.replace(cfg, speculative=dataclasses.replace(spec, mode=mode, compact=compact, max_rows=rows)),
+        model, env, mtp_cfg, mtp_params, draft_ids) for name, (mode, compact, rows) in WAYS.items()}
     batches = [(env.sample_tasks(np.random.default_rng([rl.seed, i]), rl.prompts_per_step),
                 jax.random.fold_in(jax.random.key(rl.seed), i)) for i in range(args.batches)]
     for name, actor in actors.items():  # compile every batch size each way meets
@@ -78,10 +81,12 @@ def main():
     gains = {"plain": rate["plain_compact"] / rate["plain"], "spec": rate["spec_compact"] / rate["spec"],
              "spec_over_plain": rate["spec"] / rate["plain"],
              "spec_over_plain_compact": rate["spec_compact"] / rate["plain_compact"],
-             "spec_compact_over_plain": rate["spec_compact"] / rate["plain"]}
+             "spec_compact_over_plain": rate["spec_compact"] / rate["plain"],
+             **{f"{name}_over_plain_compact": rate[name] / rate["plain_compact"] for name in ("spec_rows4", "spec_rows2")}}
     print(f"dropping finished rows: plain x{gains['plain']:.2f}, speculative x{gains['spec']:.2f}")
     print(f"speculative / plain: x{gains['spec_over_plain']:.2f} keeping rows, x{gains['spec_over_plain_compact']:.2f} "
-          f"dropping them (x{gains['spec_compact_over_plain']:.2f} over plain as it was)")
+          f"dropping them (x{gains['spec_compact_over_plain']:.2f} over plain as it was); drafting only at <= 4 rows "
+          f"x{gains['spec_rows4_over_plain_compact']:.2f}, <= 2 rows x{gains['spec_rows2_over_plain_compact']:.2f}")
     write_result(args.out, config=args.config, batches=args.batches, rollouts_per_batch=B, tokens=tokens,
                  seconds=seconds, tokens_per_s=rate, ratios=gains, acceptance=float(np.mean(acceptance)),
                  identical_sequences=identical)

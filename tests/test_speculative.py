@@ -298,3 +298,53 @@ def test_finished_rows_are_dropped_and_every_sequence_stays_the_same(mode):
         np.testing.assert_array_equal(getattr(cut, name), getattr(full, name), err_msg=name)
     np.testing.assert_allclose(cut.logprobs, full.logprobs, atol=1e-5)
     np.testing.assert_allclose(cut.entropies, full.entropies, atol=1e-5)
+
+
+def test_plain_steps_with_heads_keep_the_draft_state_exact_and_sample_as_plain():
+    """decode(speculate=False) on a state with heads takes plain steps (the tokens of mode 'none' with the
+    same keys) whose MTP step-1 states equal teacher forcing, so speculation resumes from exact states."""
+    from bebop_jax import speculative
+    from bebop_jax.batching import pad_prompts
+
+    cfg, params, mtp, heads = _tiny(16, 3.0, mtp_steps=3, seed=4)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10, 11]]
+    tokens, lengths = pad_prompts(prompts)
+    T = jnp.float32(1.0)
+    static = dict(cfg=cfg, mtp_cfg=mtp, num_draft=3, greedy=False, top_p=1.0, eos_ids=())
+    state = speculative.prefill(params, heads, tokens, lengths, jax.random.key(0), T, max_new_tokens=12,
+                                cache_len=32, **static)
+    plain = speculative.prefill(params, None, tokens, lengths, jax.random.key(0), T, max_new_tokens=12,
+                                cache_len=32, **dict(static, mtp_cfg=None, num_draft=0))
+    state = speculative.decode(params, heads, state, T, None, jnp.int32(0), **static, speculate=False)
+    plain = speculative.decode(params, None, plain, T, None, jnp.int32(0), **dict(static, mtp_cfg=None, num_draft=0))
+    np.testing.assert_array_equal(state.tokens[:, :12], plain.tokens[:, :12])
+    assert int(state.draft_steps.sum()) == 0 and (np.asarray(state.verify_steps) == 11).all()
+    for b, prompt in enumerate(prompts):
+        seq = prompt + np.asarray(state.tokens[b, :12]).tolist()
+        seq_ = jnp.asarray([seq], jnp.int32)
+        _, hidden = _full_logits(cfg, params, seq_)
+        h1 = teacher_forced_hidden(cfg, mtp, heads, hidden, params["embedding"][seq_], jnp.arange(len(seq))[None])
+        np.testing.assert_allclose(state.draft_hidden[b], h1[0][0][len(seq) - 2], atol=1e-5)
+
+
+def test_max_rows_speculates_once_compaction_brings_the_batch_there():
+    """max_rows=2 on 8 prompts: plain steps at 8 and 4 rows, drafts from 2 rows on; the acceptance metrics
+    count the drafting steps only, and the first tokens of every row are those of plain decoding."""
+    cfg, params, mtp, heads = _tiny(16, 2.0, mtp_steps=3, seed=5)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 16, n).tolist() for n in (3, 9, 5, 2, 7, 4, 11, 6)]
+    kw = dict(mtp_params=heads, mtp_cfg=mtp, num_draft=3, max_new_tokens=24, temperature=1.0, eos_ids=(3,))
+    plain = speculative_generate(params, cfg, prompts, jax.random.key(7), mode="none", **kw)
+    capped = speculative_generate(params, cfg, prompts, jax.random.key(7), mode="rejection", max_rows=2, **kw)
+    always = speculative_generate(params, cfg, prompts, jax.random.key(7), mode="rejection", **kw)
+    drafted = capped.draft_steps.sum()
+    assert 0 < drafted < capped.verify_steps.sum() and (always.draft_steps == always.verify_steps).all()
+    # rows that ended while the batch had more than 2 rows never drafted: plain decoding, token for token
+    early = np.flatnonzero(capped.draft_steps == 0)
+    assert early.size >= 4
+    np.testing.assert_array_equal(capped.tokens[early], plain.tokens[early])
+    m = capped.metrics(3)
+    np.testing.assert_allclose(m["draft_acceptance_rate"], capped.accepted.sum() / (3 * drafted))
+    np.testing.assert_allclose(m["drafting_steps_fraction"], drafted / capped.verify_steps.sum())
+    with pytest.raises(ValueError, match="max_rows must be >= 0"):
+        speculative_generate(params, cfg, prompts, jax.random.key(7), mode="rejection", max_rows=-1, **kw)

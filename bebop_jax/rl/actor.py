@@ -29,11 +29,12 @@ class Actor:
 
     def __init__(self, model: LoadedModel, env, *, group_size: int, max_new_tokens: int, temperature: float,
                  mode: str = "none", num_draft: int = 3, mtp_cfg=None, mtp_params=None, max_prompt_tokens: int = 384,
-                 max_seq_len: int = 2048, draft_ids=None, compact: bool = True):
+                 max_seq_len: int = 2048, draft_ids=None, compact: bool = True, max_rows: int = 0):
         self.model, self.env = model, env
         self.group_size, self.max_new_tokens, self.temperature = group_size, max_new_tokens, temperature
         self.mode, self.num_draft = mode, (0 if mode == "none" else num_draft)
-        self.mtp_cfg, self.mtp_params, self.draft_ids, self.compact = mtp_cfg, mtp_params, draft_ids, compact
+        self.mtp_cfg, self.mtp_params, self.draft_ids = mtp_cfg, mtp_params, draft_ids
+        self.compact, self.max_rows = compact, max_rows
         self.max_prompt_tokens, self.max_seq_len = max_prompt_tokens, max_seq_len
         self.length = _bucket(max_prompt_tokens + max_new_tokens, 64)  # L of every Trajectories batch
 
@@ -44,7 +45,7 @@ class Actor:
         return cls(model, env, group_size=rl.group_size, max_new_tokens=rl.max_new_tokens,
                    temperature=rl.temperature, mode=spec.mode, num_draft=spec.num_draft, mtp_cfg=mtp_cfg,
                    mtp_params=mtp_params, draft_ids=draft_ids, max_prompt_tokens=rl.max_prompt_tokens,
-                   compact=spec.compact, max_seq_len=min(cfg.model.max_seq_len, model.cfg.max_position_embeddings))
+                   compact=spec.compact, max_rows=spec.max_rows, max_seq_len=min(cfg.model.max_seq_len, model.cfg.max_position_embeddings))
 
     def rows_for(self, num_tasks: int) -> int:
         """Static row count of a batch: every episode may use every turn."""
@@ -73,7 +74,7 @@ class Actor:
                 params, self.model.cfg, prompts, jax.random.fold_in(key, turn), mtp_params=self.mtp_params,
                 mtp_cfg=self.mtp_cfg, mode=self.mode, num_draft=max(self.num_draft, 1), max_new_tokens=self.max_new_tokens,
                 temperature=self.temperature, eos_ids=tok.eos_token_ids, max_seq_len=self.max_seq_len,
-                draft_ids=self.draft_ids, compact=self.compact)
+                draft_ids=self.draft_ids, compact=self.compact, max_rows=self.max_rows)
             rollouts.append(out)
             still = []
             for b, e in enumerate(active):
