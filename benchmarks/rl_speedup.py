@@ -1,5 +1,6 @@
 """End-to-end RL wall time: (a) sync + plain decoding, (b) sync + speculative, (c) async + speculative,
-and (a0) sync + plain with the learner over whole rows (`rl.share_prefix=false`, the learner before session 18).
+(d) async + plain (what speculation adds to the async loop), and (a0) sync + plain with the learner over whole
+rows (`rl.share_prefix=false`, the learner before session 18).
 
     python benchmarks/rl_speedup.py --config configs/smollm2-135m-rl.yaml [--steps 6] [--out FILE]
 
@@ -38,7 +39,8 @@ def main():
     model = load_model(cfg.model.source, cfg.model.dtype)
     spec = cfg.speculative.mode if cfg.speculative.mode != "none" else "rejection"
     variants = {"a_sync_plain": ("sync", "none", True), "b_sync_spec": ("sync", spec, True),
-                "c_async_spec": ("async", spec, True), "a0_whole_rows": ("sync", "none", False)}
+                "c_async_spec": ("async", spec, True), "d_async_plain": ("async", "none", True),
+                "a0_whole_rows": ("sync", "none", False)}
     rows = {}
     for name, (loop, mode, share) in variants.items():
         run = os.path.join(args.run_dir, name)
