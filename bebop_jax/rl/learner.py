@@ -59,6 +59,17 @@ class Trajectories:
     policy_version: jax.Array  # [B] int32 learner version the actor sampled with
     prefix: SharedPrefix | None = None  # set by `share_prefixes`: the forward runs shared prompts once
 
+    def prefix_dims(self) -> tuple[int, int, int] | None:
+        """(prefixes, P, S) of the SharedPrefix (None without one): with the tokens' shape, what it compiles for."""
+        p = self.prefix
+        return None if p is None else (len(p.source_row), p.width, p.suffix)
+
+    def forward_tokens(self) -> float:
+        """Tokens the learner's forward runs per row: L, or with shared prefixes (Gp P + B S) / B."""
+        B, L = self.tokens.shape
+        dims = self.prefix_dims()
+        return float(L) if dims is None else (dims[0] * dims[1] + B * dims[2]) / B
+
 
 def bucket_length(filled: int, length: int, buckets: int) -> int:
     """The learner's length for rows filled to `filled` tokens: the shortest of `buckets` lengths
@@ -70,6 +81,11 @@ def bucket_length(filled: int, length: int, buckets: int) -> int:
     return length
 
 
+def _trained_end(mask: np.ndarray, default) -> np.ndarray:
+    """One past each row's last trained token: mask [B, L] bool -> [B] int (`default` for rows training none)."""
+    return np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), default)
+
+
 def trim_trajectories(traj: Trajectories, buckets: int) -> Trajectories:
     """A host batch [B, L] cut to `bucket_length` of its last trained token: the same loss and gradient.
 
@@ -79,7 +95,7 @@ def trim_trajectories(traj: Trajectories, buckets: int) -> Trajectories:
     """
     mask = np.asarray(traj.loss_mask)
     L = mask.shape[1]
-    filled = int(np.max(np.where(mask.any(axis=1), L - np.argmax(mask[:, ::-1], axis=1), 0), initial=0))
+    filled = int(np.max(_trained_end(mask, 0), initial=0))
     cut = bucket_length(max(filled, 2), L, buckets)
     if cut == L:
         return traj
@@ -109,7 +125,7 @@ def share_prefixes(traj: Trajectories, num_groups: int, buckets: int) -> Traject
         source[g], length[g] = rows[0], max(1, min(int(same.sum()), int(first[rows].min())))
     of_row = groups.astype(np.int32)
     start = length[of_row]
-    last = np.where(mask.any(axis=1), L - np.argmax(mask[:, ::-1], axis=1), start + 1)  # one past the last trained
+    last = _trained_end(mask, start + 1)
     width = bucket_length(int(length.max()), L, buckets)
     suffix = bucket_length(int(np.max(last - start)), L, buckets)
     return traj.replace(prefix=SharedPrefix(source_row=source, length=length, of_row=of_row, width=width,
@@ -167,13 +183,18 @@ def token_logprobs(params, cfg: TransformerConfig, tokens: jax.Array, temperatur
     B, L = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), tokens.shape)
     hidden, _ = model.apply({"params": params}, tokens, positions)
-    hidden, targets = hidden[:, :-1], tokens[:, 1:]
-    if platform() == "cpu":  # 2-D dots, forward and gradient (faster on XLA:CPU); on a TPU mesh merging the
-        hidden, targets = hidden.reshape(B * (L - 1), -1), targets.reshape(-1)  # sharded rows compiled 3x slower
-    logp, entropy = vocab_token_logprobs(hidden, vocab_matrix(cfg, params), targets, temperature, cfg.compute_dtype)
+    logp, entropy = _head_logprobs(params, cfg, hidden[:, :-1], tokens[:, 1:], temperature)
     pad = jnp.zeros((B, 1), jnp.float32)
-    return (jnp.concatenate([pad, logp.reshape(B, L - 1)], axis=1),
-            jnp.concatenate([pad, entropy.reshape(B, L - 1)], axis=1))
+    return jnp.concatenate([pad, logp], axis=1), jnp.concatenate([pad, entropy], axis=1)
+
+
+def _head_logprobs(params, cfg: TransformerConfig, hidden: jax.Array, targets: jax.Array, temperature: float):
+    """The LM head's log-prob of each target and its entropy: hidden [B,T,D], targets [B,T] -> 2 x [B,T] f32."""
+    B, T = targets.shape
+    if platform() == "cpu":  # 2-D dots, forward and gradient (faster on XLA:CPU); on a TPU mesh merging the
+        hidden, targets = hidden.reshape(B * T, -1), targets.reshape(-1)  # sharded rows compiled 3x slower
+    logp, entropy = vocab_token_logprobs(hidden, vocab_matrix(cfg, params), targets, temperature, cfg.compute_dtype)
+    return logp.reshape(B, T), entropy.reshape(B, T)
 
 
 def shared_prefix_logprobs(params, cfg: TransformerConfig, tokens: jax.Array, temperature: float,
@@ -197,11 +218,9 @@ def shared_prefix_logprobs(params, cfg: TransformerConfig, tokens: jax.Array, te
     tail_hidden, _ = model.apply({"params": params}, tail, cols, rows_cache)  # [B, S, D]
     last = head_hidden[prefix.of_row, start - 1]  # [B, D]: the prefix's last state predicts the first tail token
     hidden = jnp.concatenate([last[:, None], tail_hidden[:, :-1]], axis=1)  # [B, S, D]
-    if platform() == "cpu":  # 2-D dots (see token_logprobs)
-        hidden, tail = hidden.reshape(B * S, -1), tail.reshape(-1)
-    logp, entropy = vocab_token_logprobs(hidden, vocab_matrix(cfg, params), tail, temperature, cfg.compute_dtype)
+    logp, entropy = _head_logprobs(params, cfg, hidden, tail, temperature)
     rows = jnp.arange(B)[:, None]
-    place = lambda x: jnp.zeros((B, L), jnp.float32).at[rows, cols].set(x.reshape(B, S), mode="drop")  # noqa: E731
+    place = lambda x: jnp.zeros((B, L), jnp.float32).at[rows, cols].set(x, mode="drop")  # noqa: E731
     return place(logp), place(entropy)
 
 

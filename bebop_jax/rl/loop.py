@@ -84,25 +84,12 @@ def traj_shardings(rows: int, length: int, mesh: Mesh, rules: sharding.Rules,
                         group_ids=per_row, policy_version=per_row, prefix=prefix)
 
 
-def prefix_dims(traj: Trajectories) -> tuple[int, int, int] | None:
-    """(prefixes, P, S) of a batch's SharedPrefix (None without one): with its shape, what it compiles for."""
-    p = traj.prefix
-    return None if p is None else (len(p.source_row), p.width, p.suffix)
-
-
-def learner_tokens(traj: Trajectories) -> float:
-    """Tokens the learner's forward runs per row: L, or with shared prefixes (Gp P + B S) / B."""
-    B, L = traj.tokens.shape
-    dims = prefix_dims(traj)
-    return float(L) if dims is None else (dims[0] * dims[1] + B * dims[2]) / B
-
-
 @functools.lru_cache(maxsize=32)
 def _learner_fns(model_cfg: TransformerConfig, settings: LearnerSettings, num_groups: int, mesh: Mesh,
                  rules: sharding.Rules, rows: int, length: int, prefix: tuple[int, int, int] | None = None):
     """(state shardings, Trajectories shardings, logprobs(params, traj) -> [R,L], update(state, traj, logp_prox
     or None, logp_ref or None) -> (state, metrics)) on `mesh` for [rows, length] batches (shared prefixes of
-    `prefix_dims`); cached, so a run's length buckets and runs in one process (the demo's three MTP strategies, a
+    `Trajectories.prefix_dims`); cached, so a run's length buckets and runs in one process (the demo's three MTP strategies, a
     benchmark's settings) share their compilations."""
     state_sh = learner_shardings(model_cfg, settings, mesh, rules)
     traj_sh = traj_shardings(rows, length, mesh, rules, prefix)
@@ -276,7 +263,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                     traj = share_prefixes(traj, num_groups, rl.length_buckets)
                 else:  # the same rows, cut to their filled length
                     traj = trim_trajectories(traj, rl.length_buckets)
-                _, traj_sh, logprobs, update = learner_fns(*traj.tokens.shape, prefix_dims(traj))
+                _, traj_sh, logprobs, update = learner_fns(*traj.tokens.shape, traj.prefix_dims())
                 batch = sharding.put_global(traj, traj_sh)  # host rows (the same on every process) -> the mesh
                 logp_ref = None if ref_params is None else logprobs(ref_params, batch)
                 extra = {}
@@ -289,7 +276,7 @@ def train_rl(cfg: Config, model: LoadedModel | None = None, env=None, progress: 
                     raise FloatingPointError(f"RL loss is {lm['loss']} at learner step {step + 1}")
                 step += 1
                 metrics = {**am, **lm, **extra, "learner_step_s": time.perf_counter() - t0,
-                           "learner_tokens": learner_tokens(traj), "staleness": staleness,
+                           "learner_tokens": traj.forward_tokens(), "staleness": staleness,
                            "dropped_trajectories": dropped, "wall_s": time.perf_counter() - t_start}
                 if rl.loop == "sync" or step % rl.publish_every == 0:
                     if updater is not None:
