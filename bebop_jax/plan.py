@@ -402,9 +402,28 @@ def hbm_traffic(hlo: str) -> dict[str, int]:
     HBM only, a fusion the rows its gathers take, a scatter its updates, and an async copy its HBM side.
     `hlo`: the compiled program's text (`compiled.as_text()`).
     """
+    traffic = {"prefetch": 0, "scatter": 0, "other": 0}
+    for ins in hbm_instructions(hlo):
+        traffic[ins.kind] += ins.bytes
+    return traffic
+
+
+@dataclasses.dataclass(frozen=True)
+class Moved:
+    """One instruction of a compiled program (outside fusions) and the HBM bytes it moves (`hbm_traffic`)."""
+
+    kind: str  # prefetch, scatter or other
+    op: str  # the HLO opcode: fusion, copy, reshape, copy-start, ...
+    name: str
+    shape: str  # its output's shape and layout, as the HLO text writes it
+    bytes: int
+
+
+def hbm_instructions(hlo: str) -> list[Moved]:
+    """The instructions of `hlo` that move bytes in HBM, each with its count (`hbm_traffic` sums them)."""
     comps = _computations(hlo)
     inner = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", hlo))
-    traffic = {"prefetch": 0, "scatter": 0, "other": 0}
+    moved = []
     for comp_name, instructions in comps.items():
         if comp_name in inner:
             continue
@@ -417,14 +436,15 @@ def hbm_traffic(hlo: str) -> dict[str, int]:
             if op in ("copy-start", "slice-start"):  # (source or (source,), destination / context, sync flags)
                 dest = defs[name][-2] if op == "slice-start" else defs[name][0]
                 src_in_vmem = all(v for _, v in operands[0])
-                traffic["prefetch"] += (0 if src_in_vmem else dest[0]) + (0 if dest[1] else dest[0])
+                kind, size = "prefetch", (0 if src_in_vmem else dest[0]) + (0 if dest[1] else dest[0])
             elif op == "fusion" and calls in comps:
                 read, written = _fusion_reads(comps[calls], operands)
                 kind = "other" if written is None else "scatter"
-                traffic[kind] += read + (_in_hbm(defs[name]) if written is None else written)
+                size = read + (_in_hbm(defs[name]) if written is None else written)
             else:
-                traffic["other"] += sum(map(_in_hbm, operands)) + _in_hbm(defs[name])
-    return traffic
+                kind, size = "other", sum(map(_in_hbm, operands)) + _in_hbm(defs[name])
+            moved.append(Moved(kind, op, name, shape, size))
+    return moved
 
 
 def compile_step(step: Step, mesh: Mesh, rules: sharding.Rules, lower_on=None) -> dict[str, float]:

@@ -219,10 +219,12 @@ class Attention(nn.Module):
         scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.matmul(probs, values)  # [B, K, T*G, H]
-        out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N * H)
-        # one [D, N*H] matrix (a bitcast of wo): contracting (N, H) as two axes, XLA:CPU transposed and copied
-        # all of wo in every layer of every decode step (+15% of a SmolLM2 step's weight bytes)
-        y = linear(out, wo.reshape(D, N * H), dt)
+        out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+        if platform() == "cpu":  # one [D, N*H] matrix (a bitcast of wo): contracting (N, H) as two axes, XLA:CPU
+            # transposed and copied all of wo in every layer of every decode step (+15% of a SmolLM2 step's bytes)
+            y = linear(out.reshape(B, T, N * H), wo.reshape(D, N * H), dt)
+        else:  # on a TPU the reshape is a copy of wo ((8, 128) tiles over (N, H) are not tiles over (D, N*H)):
+            y = jnp.einsum("...NH,DNH->...D", out, wo.astype(dt))  # +34 MB a layer per Qwen3-8B verify step
         return y, cache
 
 
