@@ -7,8 +7,9 @@ the compiled per-device program gives its argument, output, aliased and temporar
     learner  `rl.learner.learner_step`: trunk forward + backward + AdamW on one RL batch [rows, length]
              (with rl.share_prefix, each task's prompt, max_prompt_tokens wide, runs once for its rows)
     prefill  `speculative.prefill`: one rollout batch of prompts into a fresh KV cache
-    decode   `speculative.decode_step`: one step of the verify loop (K drafts, one trunk forward of K + 1
-             tokens over the KV cache, rejection sampling); its state, KV cache included, is donated
+    decode   `speculative.decode_step`: one step of the verify loop (K drafts, from pretrain.draft_vocab ids
+             when > 0, one trunk forward of K + 1 tokens over the KV cache, rejection sampling); its state,
+             KV cache included, is donated
     mtp      `pretrain_mtp.train_step`: the MTP heads on cached trunk hidden states (on the rows of a
              draft sub-vocabulary of pretrain.draft_vocab ids when > 0)
 
@@ -224,8 +225,10 @@ def build_prefill(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step
 
 
 def build_decode(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step:
+    """The verify step; with pretrain.draft_vocab > 0 (and drafts) the heads draft from that many ids."""
     args, _, static, state = _rollout_inputs(cfg, model, shapes)
-    return Step(functools.partial(decode_step, **static), (args[0], args[1], state, args[-1]), state, (2,),
+    draft_ids = (_box((cfg.pretrain.draft_vocab,), jnp.int32, (None,)),) if cfg.pretrain.draft_vocab and shapes.num_draft else ()
+    return Step(functools.partial(decode_step, **static), (args[0], args[1], state, args[-1]) + draft_ids, state, (2,),
                 {"params": args[:2], "kv_cache": (state.trunk_cache, state.mtp_cache)})
 
 
