@@ -227,7 +227,9 @@ def build_prefill(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step
 def build_decode(cfg: Config, model: TransformerConfig, shapes: Shapes) -> Step:
     """The verify step; with pretrain.draft_vocab > 0 (and drafts) the heads draft from that many ids."""
     args, _, static, state = _rollout_inputs(cfg, model, shapes)
-    draft_ids = (_box((cfg.pretrain.draft_vocab,), jnp.int32, (None,)),) if cfg.pretrain.draft_vocab and shapes.num_draft else ()
+    draft_ids = ()
+    if cfg.pretrain.draft_vocab and shapes.num_draft:
+        draft_ids = (_box((cfg.pretrain.draft_vocab,), jnp.int32, (None,)),)
     return Step(functools.partial(decode_step, **static), (args[0], args[1], state, args[-1]) + draft_ids, state, (2,),
                 {"params": args[:2], "kv_cache": (state.trunk_cache, state.mtp_cache)})
 
@@ -450,19 +452,22 @@ def hbm_instructions(hlo: str) -> list[Moved]:
     return moved
 
 
-def compile_step(step: Step, mesh: Mesh, rules: sharding.Rules, lower_on=None) -> dict[str, float]:
-    """Lowers and compiles `step` on `mesh` (lowered with `lower_on` as the default device: a compile-only TPU
-    device, `tpu.lowering_for`); the compiler's per-device byte counts, its cost analysis' flops, the bytes
-    the program moves in HBM (`hbm_traffic`), `pallas` = 1.0 where a Pallas (Mosaic) kernel is in the
-    program, and the seconds it took."""
-    t0 = time.perf_counter()
+def compile_program(step: Step, mesh: Mesh, rules: sharding.Rules, lower_on=None):
+    """`step` jitted with its arguments' and outputs' shardings on `mesh`, lowered with `lower_on` as the default
+    device (a compile-only TPU device, `tpu.lowering_for`) and compiled: a `jax.stages.Compiled`."""
     jitted = sharding.sharded_jit(step.fn, mesh, rules,
                                   in_shardings=sharding.logical_to_sharding(step.args, mesh, rules),
                                   out_shardings=sharding.logical_to_sharding(step.out, mesh, rules),
                                   donate_argnums=step.donate)
-    args = sharding.sharded_abstract(step.args, mesh, rules)
     with jax.default_device(lower_on):
-        compiled = jitted.lower(*args).compile()
+        return jitted.lower(*sharding.sharded_abstract(step.args, mesh, rules)).compile()
+
+
+def compile_step(step: Step, mesh: Mesh, rules: sharding.Rules, lower_on=None) -> dict[str, float]:
+    """`compile_program`'s per-device byte counts, its cost analysis' flops, the bytes the program moves in HBM
+    (`hbm_traffic`), `pallas` = 1.0 where a Pallas (Mosaic) kernel is in the program, and the seconds it took."""
+    t0 = time.perf_counter()
+    compiled = compile_program(step, mesh, rules, lower_on)
     m, cost, hlo = compiled.memory_analysis(), compiled.cost_analysis(), compiled.as_text()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
     return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bebop_jax import plan, plan_tpu, sharding, tpu
+from bebop_jax import plan, plan_tpu, tpu
 from bebop_jax.config import ConfigError, load_config
 from kernels_pallas import rejection_sampling as rs
 from kernels_pallas import tv_loss as tv
@@ -151,14 +151,7 @@ def test_plain_decode_step_reads_bf16_weights_and_the_cache_in_place(slice4):
     matrices = v * d + 2 * (d * n * h * 2 + d * k * h * 2 + 3 * d * ff)  # embedding; q, o, k, v, gate/up/down
     norms = 2 * (2 * d + 2 * h) + d  # two per block, q/k norms, the final one: replicated
     assert plan.per_device_bytes(step.counted["params"][0], mesh, rules) == 2 * matrices // 2 + 2 * norms  # bf16
-    jitted = sharding.sharded_jit(step.fn, mesh, rules,
-                                  in_shardings=sharding.logical_to_sharding(step.args, mesh, rules),
-                                  out_shardings=sharding.logical_to_sharding(step.out, mesh, rules),
-                                  donate_argnums=step.donate)
-    args = sharding.sharded_abstract(step.args, mesh, rules)
-    with jax.default_device(devices[0]):
-        lowered = jitted.lower(*args)
-    compiled = lowered.compile()
+    compiled = plan.compile_program(step, mesh, rules, devices[0])
     hlo = compiled.as_text()
     assert f"f32[{v // 2},{d}]" not in hlo  # the LM head is read in bf16, never converted
     rows_k = f"{shapes.rollout_rows // 2},{k // 2}"
@@ -226,12 +219,7 @@ def test_verify_step_relayouts_no_weight():
     model = dataclasses.replace(plan.architecture("qwen3-8b"), num_layers=1)
     mesh, rules = plan.plan_mesh(cfg, model, devices, "decode")
     step = plan.build_decode(cfg, model, dataclasses.replace(plan.Shapes.from_config(cfg), num_draft=3))
-    jitted = sharding.sharded_jit(step.fn, mesh, rules,
-                                  in_shardings=sharding.logical_to_sharding(step.args, mesh, rules),
-                                  out_shardings=sharding.logical_to_sharding(step.out, mesh, rules),
-                                  donate_argnums=step.donate)
-    with jax.default_device(devices[0]):
-        hlo = jitted.lower(*sharding.sharded_abstract(step.args, mesh, rules)).compile().as_text()
+    hlo = plan.compile_program(step, mesh, rules, devices[0]).as_text()
     wo_shard = hf["hidden_size"] * hf["num_attention_heads"] * hf["head_dim"] * 2 // 2  # bf16, over tensor = 2
     relayouts = [m for m in plan.hbm_instructions(hlo)
                  if m.op in ("copy", "reshape", "transpose") and m.bytes >= wo_shard]  # its write (read from VMEM)
