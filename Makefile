@@ -25,9 +25,10 @@ $(VENV)/.test: pyproject.toml $(VENV)/.base
 demo: $(VENV)/.base
 	$(VENV)/bin/bebop demo
 
-# Two workers: the suite is mostly compiles, single-threaded ones among them (25 min here against 28 serially).
+# Two workers: the suite is mostly compiles, single-threaded ones among them; loadgroup keeps the tests that share
+# a module fixture marked xdist_group on one worker. tests/conftest.py gives the run one XLA compilation cache.
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) runs

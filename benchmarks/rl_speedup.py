@@ -1,8 +1,9 @@
 """End-to-end RL wall time: (a) sync + plain decoding, (b) sync + speculative, (c) async + speculative,
-(d) async + plain (what speculation adds to the async loop), and (a0) sync + plain with the learner over whole
-rows (`rl.share_prefix=false`, the learner before session 18).
+(d) async + plain (what speculation adds to the async loop), (e) async + speculative drafting only once a
+batch is down to 4 rows (`speculative.max_rows=4`), and (a0) sync + plain with the learner over whole rows
+(`rl.share_prefix=false`, the learner before session 18).
 
-    python benchmarks/rl_speedup.py --config configs/smollm2-135m-rl.yaml [--steps 6] [--out FILE]
+    python benchmarks/rl_speedup.py --config configs/smollm2-135m-rl.yaml [--steps 6] [--variants a c e] [--out FILE]
 
 Same config, seed and number of learner steps for the three; MTP heads from the config's
 `speculative.mtp_checkpoint`, frozen. Wall time per step excludes the first step (compilation).
@@ -32,36 +33,44 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--run-dir", default="runs/rl_speedup")
     ap.add_argument("--out", default="benchmarks/results/rl_speedup.json")
+    ap.add_argument("--variants", nargs="+", default=["a", "b", "c", "d", "e", "a0"],
+                    help="which variants to run, by letter; (a) always runs: the ratios are against it")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.overrides)
     model = load_model(cfg.model.source, cfg.model.dtype)
     spec = cfg.speculative.mode if cfg.speculative.mode != "none" else "rejection"
-    variants = {"a_sync_plain": ("sync", "none", True), "b_sync_spec": ("sync", spec, True),
-                "c_async_spec": ("async", spec, True), "d_async_plain": ("async", "none", True),
-                "a0_whole_rows": ("sync", "none", False)}
+    rows_cfg = cfg.speculative.max_rows
+    variants = {"a_sync_plain": ("sync", "none", True, rows_cfg), "b_sync_spec": ("sync", spec, True, rows_cfg),
+                "c_async_spec": ("async", spec, True, rows_cfg), "d_async_plain": ("async", "none", True, rows_cfg),
+                "e_async_spec_rows4": ("async", spec, True, 4), "a0_whole_rows": ("sync", "none", False, rows_cfg)}
+    unknown = set(args.variants) - {name.split("_")[0] for name in variants}
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}: choose from a, b, c, d, e, a0")
     rows = {}
-    for name, (loop, mode, share) in variants.items():
+    for name, (loop, mode, share, max_rows) in variants.items():
+        if name.split("_")[0] not in {"a", *args.variants}:
+            continue
         run = os.path.join(args.run_dir, name)
         shutil.rmtree(run, ignore_errors=True)
-        c = dataclasses.replace(cfg, speculative=dataclasses.replace(cfg.speculative, mode=mode),
+        c = dataclasses.replace(cfg, speculative=dataclasses.replace(cfg.speculative, mode=mode, max_rows=max_rows),
                                 rl=dataclasses.replace(cfg.rl, loop=loop, steps=args.steps, run_dir=run,
                                                        checkpoint_every=args.steps, share_prefix=share))
         train_rl(c, model=model, progress=True)
         hist = read_history(run)
         walls = np.diff([0.0] + [h["wall_s"] for h in hist])
-        rows[name] = {"loop": loop, "mode": mode, "share_prefix": share, "wall_s_per_step": float(np.mean(walls[1:])),
+        rows[name] = {"loop": loop, "mode": mode, "share_prefix": share, "max_rows": max_rows, "wall_s_per_step": float(np.mean(walls[1:])),
                       "learner_s_per_step": float(np.mean([h["learner_step_s"] for h in hist[1:]])),
                       "first_step_s": float(walls[0]), "reward": [h["reward"] for h in hist],
                       "acceptance": [h.get("draft_acceptance_rate") for h in hist],
                       "rollout_tokens_per_s": float(np.mean([h["rollout_tokens_per_s"] for h in hist[1:]]))}
     base = rows["a_sync_plain"]["wall_s_per_step"]
-    print(f"{'variant':<14} {'s/step':>8} {'speed-up':>9} {'learner s':>10} {'rollout tok/s':>14} {'acceptance':>11}")
+    print(f"{'variant':<18} {'s/step':>8} {'speed-up':>9} {'learner s':>10} {'rollout tok/s':>14} {'acceptance':>11}")
     for name, r in rows.items():
         r["speedup_vs_a"] = base / r["wall_s_per_step"]
         acc = np.mean([a for a in r["acceptance"] if a is not None]) if r["mode"] != "none" else float("nan")
-        print(f"{name:<14} {r['wall_s_per_step']:>8.1f} {r['speedup_vs_a']:>8.2f}x {r['learner_s_per_step']:>10.1f} "
+        print(f"{name:<18} {r['wall_s_per_step']:>8.1f} {r['speedup_vs_a']:>8.2f}x {r['learner_s_per_step']:>10.1f} "
               f"{r['rollout_tokens_per_s']:>14.1f} "
               f"{acc:>11.3f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -1,7 +1,24 @@
 """Shared fixtures: tiny random HF checkpoints (real `save_pretrained` output) and the real SmolLM2."""
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole run, new and empty at its start: the xdist workers and
+    the processes that tests start (multi-process runs, restarts after kill -9, their one-process references)
+    inherit it through the environment, so a program compiled by one of them is loaded by the others."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config._bebop_jax_cache = tempfile.mkdtemp(prefix="bebop-xla-")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_bebop_jax_cache", None):  # the process that made it (the xdist controller)
+        shutil.rmtree(config._bebop_jax_cache, ignore_errors=True)
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)

@@ -54,14 +54,14 @@ def rejection_checks(partition: Partition) -> dict:
     p = jax.nn.softmax(2 * jax.random.normal(keys[1], (b, kd + 1, v)), axis=-1)
     out = {}
     for mode in rs.MODES:
+        sharded = jax.jit(lambda d, q, p, key, mode=mode: rs.rejection_sample(
+            d, q, p, key, mode=mode, implementation="pallas_interpret", validate=False, partition=partition))
         same = []
-        for seed in range(8):
+        for seed in range(8):  # one compile per mode, eight keys through it
             key = jax.random.key(seed)
             drafts = jax.random.categorical(jax.random.fold_in(key, 7), jnp.log(q), axis=-1).astype(jnp.int32)
             ref = rs.rejection_sample(drafts, q, p, key, mode=mode, implementation="reference")
-            got = jax.jit(lambda d, q, p, key: rs.rejection_sample(
-                d, q, p, key, mode=mode, implementation="pallas_interpret", validate=False,
-                partition=partition))(drafts, q, p, key)
+            got = sharded(drafts, q, p, key)
             same.append(bool(np.array_equal(ref[0], got[0]) and np.array_equal(ref[1], got[1])))
         out[mode] = all(same)
     return out

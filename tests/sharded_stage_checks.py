@@ -88,11 +88,13 @@ def check_speculative(trunk, heads, mesh, rules, results):
     trunk_sh = sharding.shard_params(trunk, CFG, mesh, rules)
     heads_sh = jax.device_put(heads, sharding.logical_to_sharding(sharding.abstract_heads(CFG, MTP), mesh, rules))
     results["speculative"] = {"trunk_specs": specs(trunk_sh)}
-    for temperature in (0.0, 1.0):
+    for temperature in (0.0, 1.0):  # without compaction (checked below): one batch size, one compile each
         key = jax.random.key(3)
-        ref = speculative_generate(trunk, CFG, PROMPTS, key, mtp_params=heads, temperature=temperature, **kw)
+        ref = speculative_generate(trunk, CFG, PROMPTS, key, mtp_params=heads, temperature=temperature,
+                                   compact=False, **kw)
         with sharding.use_mesh(mesh, rules):
-            out = speculative_generate(trunk_sh, CFG, PROMPTS, key, mtp_params=heads_sh, temperature=temperature, **kw)
+            out = speculative_generate(trunk_sh, CFG, PROMPTS, key, mtp_params=heads_sh, temperature=temperature,
+                                       compact=False, **kw)
         results["speculative"][f"t{temperature:g}"] = {
             "tokens": out.tokens.tolist(), "ref_tokens": ref.tokens.tolist(),
             "num_tokens_equal": bool(np.array_equal(out.num_tokens, ref.num_tokens)),

@@ -61,9 +61,17 @@ def final_params(run_dir, part: str = "learner") -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(state[part]["params"])]
 
 
+@pytest.fixture(scope="module")
+def sync_reference(tiny_dir, tmp_path_factory):
+    """Two sync steps on 1 process x 4 devices: (its report, its run directory), shared by the tests below."""
+    run = tmp_path_factory.mktemp("one")
+    return finish(start(1, tiny_dir, run, "sync", 2), run)[0], run
+
+
+@pytest.mark.xdist_group("sync_reference")  # one worker runs both, so the reference runs once
 @pytest.mark.parametrize("num_processes", [2, 4])
-def test_sync_steps_on_several_processes_equal_one_process(tiny_dir, tmp_path, num_processes):
-    ref = finish(start(1, tiny_dir, tmp_path / "one", "sync", 2), tmp_path / "one")[0]
+def test_sync_steps_on_several_processes_equal_one_process(tiny_dir, tmp_path, sync_reference, num_processes):
+    ref, ref_dir = sync_reference
     got = finish(start(num_processes, tiny_dir, tmp_path / "many", "sync", 2), tmp_path / "many")
     assert all(g["devices"] == 4 for g in got)
     for g in got:  # the trunk loaded tensor by tensor straight into its shards: no whole copy on any device
@@ -73,7 +81,7 @@ def test_sync_steps_on_several_processes_equal_one_process(tiny_dir, tmp_path, n
     np.testing.assert_allclose(got[0]["losses"], ref["losses"], atol=1e-5)
     assert got[0]["rewards"] == ref["rewards"]  # the same rollouts, scored the same
     assert not (tmp_path / "many/process1.json").read_text() == ""  # every process finished
-    for a, b in zip(final_params(tmp_path / "many"), final_params(tmp_path / "one")):
+    for a, b in zip(final_params(tmp_path / "many"), final_params(ref_dir)):
         np.testing.assert_allclose(a, b, atol=1e-4)
     steps = [h["step"] for h in read_history(str(tmp_path / "many"))]
     with open(tmp_path / "many/metrics.jsonl") as f:
