@@ -123,7 +123,8 @@ QWEN_06B_RUN = ["plan.model=qwen3-0.6b", "mesh.fsdp=2", "mesh.tensor=2", "rl.pro
 @pytest.mark.parametrize("step", ["decode", "mtp", "learner", "prefill"])
 def test_steps_compile_sharded_with_the_pallas_kernels(slice4, step):
     acc, devices = slice4
-    draft_vocab = 4096 if step in ("mtp", "decode") and acc.generation == "v5p" else 0  # draft sub-vocabulary on one
+    # the heads' draft sub-vocabulary on one generation (training and drafting), the full vocabulary on the others
+    draft_vocab = 4096 if step in ("mtp", "decode") and acc.generation == "v5p" else 0
     cfg = load_config(os.path.join(REPO, "configs", "qwen3-8b-v5p-64.yaml"),
                       QWEN_06B_RUN + [f"pretrain.draft_vocab={draft_vocab}"])
     model = dataclasses.replace(plan.architecture("qwen3-0.6b"), num_layers=1)
