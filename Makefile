@@ -26,7 +26,8 @@ demo: $(VENV)/.base
 	$(VENV)/bin/bebop demo
 
 # Two workers: the suite is mostly compiles, single-threaded ones among them; loadgroup keeps the tests that share
-# a module fixture marked xdist_group on one worker. tests/conftest.py gives the run one XLA compilation cache.
+# a module fixture marked xdist_group on one worker. tests/conftest.py gives the run one XLA compilation cache and
+# compiles with LLVM at -O0 (in the processes that tests start too: tests/fake_devices.py).
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 

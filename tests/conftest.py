@@ -7,11 +7,16 @@ import tempfile
 import numpy as np
 import pytest
 
+from tests.fake_devices import FAST_COMPILE
+
 
 def pytest_configure(config):
     """One persistent XLA compilation cache for the whole run, new and empty at its start: the xdist workers and
     the processes that tests start (multi-process runs, restarts after kill -9, their one-process references)
-    inherit it through the environment, so a program compiled by one of them is loaded by the others."""
+    inherit it through the environment, so a program compiled by one of them is loaded by the others. Every
+    process compiles with LLVM at -O0 (`tests/fake_devices.py`)."""
+    if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = config._bebop_jax_cache = tempfile.mkdtemp(prefix="bebop-xla-")
 

@@ -1,7 +1,9 @@
-"""Runs a checks module (`python -m tests.X OUT_JSON`) on 8 fake CPU devices and returns its JSON.
+"""CPU device environments for the processes that tests start, and the checks modules run on 8 fake devices.
 
-XLA_FLAGS must be set before jax is imported, so the checks run in a subprocess; LLVM at -O0 halves
-the compile time, which dominates, and both sides of every comparison share it.
+XLA_FLAGS must be set before jax is imported, so anything with its own device count runs in a subprocess.
+Every process of the suite compiles with LLVM at -O0 (`tests/conftest.py` sets it for pytest's own): XLA:CPU's
+compile time, which dominates the suite, falls by ~40% and the programs run slower, which the tiny test models
+never notice (the matmuls are library calls either way); both sides of every comparison share it.
 """
 
 import json
@@ -10,13 +12,18 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def cpu_env(devices: int) -> dict:
+    """os.environ for a subprocess on `devices` CPU devices, compiling as the suite does."""
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+                JAX_PLATFORMS="cpu")
 
 
 def run_checks(module: str, out) -> dict:
     """`module` (e.g. "tests.rl_split_checks") run with 8 host devices, writing to `out` (a Path)."""
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", module, str(out)], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", module, str(out)], cwd=REPO, env=cpu_env(8), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())

@@ -34,6 +34,7 @@ from bebop_jax.checkpoint import load_mtp_heads
 from bebop_jax.config import MeshConfig, load_config
 from bebop_jax.model import LoadedModel, export_hf
 from bebop_jax.model.transformer import init_params
+from tests.fake_devices import cpu_env
 from tests import multihost_pretrain_worker as pretrain_worker
 from tests import multihost_worker as worker
 from tests.tiny_training import CFG, abstract_state, new_state, train_step
@@ -48,11 +49,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(out_dir, module: str = "tests.multihost_worker", optimize: bool = True) -> list[dict]:
-    """Runs `module` in NUM_PROCESSES processes of 2 CPU devices; returns their {out_dir}/process{i}.json.
-    optimize=False compiles with LLVM at -O0: about half the compile time, and other rounding."""
-    flags = "--xla_force_host_platform_device_count=2" + ("" if optimize else " --xla_backend_optimization_level=0")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+def run_workers(out_dir, module: str = "tests.multihost_worker") -> list[dict]:
+    """Runs `module` in NUM_PROCESSES processes of 2 CPU devices; returns their {out_dir}/process{i}.json."""
+    env = cpu_env(2)
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-m", module, str(i), str(NUM_PROCESSES), port, str(out_dir)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -126,7 +125,7 @@ def write_tiny_run_inputs(base) -> None:
 
 def test_pretrain_mtp_on_two_processes_matches_one_device(tmp_path):
     write_tiny_run_inputs(tmp_path)
-    first, second = run_workers(tmp_path, "tests.multihost_pretrain_worker", optimize=False)
+    first, second = run_workers(tmp_path, "tests.multihost_pretrain_worker")
     for cache in ("trunk", "logz"):  # each process computed half of the hidden states and of the log-normalisers
         assert first["cache_calls"][cache] == second["cache_calls"][cache] > 0, cache
     assert {k: v for k, v in first.items() if k != "cache_calls"} == \

@@ -18,6 +18,7 @@ import pytest
 
 from bebop_jax.checkpoint import RunCheckpoints
 from bebop_jax.rl.records import read_history
+from tests.fake_devices import cpu_env
 from tests.test_multihost import collect, free_port, wait_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def start(num_processes: int, tiny_dir: str, run_dir, loop: str, steps: int, *overrides: str) -> list[subprocess.Popen]:
     devices = 4 // num_processes
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = cpu_env(devices)
     port = str(free_port())
     return [subprocess.Popen([sys.executable, "-m", "tests.multihost_rl_worker", str(i), str(num_processes), port,
                               tiny_dir, str(run_dir), loop, str(steps), *overrides], cwd=REPO, env=env,
@@ -136,7 +137,7 @@ def test_async_on_two_processes_survives_kill_9_and_stops_together_on_sigterm(ti
 
 def bebop(num_processes: int, *args: str, timeout: float = 300) -> list[str]:
     """`bebop ARGS` on num_processes local processes of one CPU device each; returns their outputs."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = cpu_env(1)
     port = str(free_port())
     mesh = lambda i: [] if num_processes == 1 else [f"mesh.coordinator_address=127.0.0.1:{port}",  # noqa: E731
                                                      f"mesh.num_processes={num_processes}", f"mesh.process_id={i}"]
@@ -191,7 +192,7 @@ def test_eval_acceptance_splits_its_rows_and_reports_like_one_process(tiny_dir, 
 
 
 def test_bad_multi_process_setups_are_clear_errors_not_hangs(tiny_dir, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = cpu_env(1)
     port = free_port()
     # one process of a declared two: it gives up after mesh.join_timeout_s, naming what to check
     lonely = subprocess.run([sys.executable, "-m", "bebop_jax.cli", "generate", "--model", tiny_dir, "--prompt", "hi",
@@ -205,7 +206,7 @@ def test_bad_multi_process_setups_are_clear_errors_not_hangs(tiny_dir, tmp_path)
     # that the processes do not share: every process stops with the reason
     for devices, run_dirs, message in ((1, ("same", "same"), "2 devices are not a multiple of 4"),
                                        (2, ("own0", "own1"), "config key 'rl.run_dir'")):
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env = cpu_env(devices)
         port = str(free_port())
         procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_rl_worker", str(i), "2", port, tiny_dir,
                                    str(tmp_path / run_dirs[i]), "sync", "1"], cwd=REPO, env=env,

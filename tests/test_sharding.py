@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from bebop_jax import sharding
 from bebop_jax.config import ConfigError, MeshConfig, load_config
+from tests.fake_devices import cpu_env
 from tests.tiny_training import CFG, abstract_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +91,7 @@ def eight_devices(tmp_path_factory):
     """Results of tests/sharded_checks.py, run on 8 fake CPU devices."""
     tmp = tmp_path_factory.mktemp("sharded")
     out = tmp / "results.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(8)
     proc = subprocess.run([sys.executable, "-m", "tests.sharded_checks", str(out), str(tmp / "ckpt")], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
