@@ -2,8 +2,8 @@
 
 XLA_FLAGS must be set before jax is imported, so anything with its own device count runs in a subprocess.
 Every process of the suite compiles with LLVM at -O0 (`tests/conftest.py` sets it for pytest's own): XLA:CPU's
-compile time, which dominates the suite, falls by ~40% and the programs run slower, which the tiny test models
-never notice (the matmuls are library calls either way); both sides of every comparison share it.
+compile time, which dominates the suite, falls by ~40%, and the fusions run up to ~1.7x slower (the matmuls are
+library calls either way): `make test` 23 minutes against 30-32 at -O3. Both sides of every comparison share it.
 """
 
 import json
