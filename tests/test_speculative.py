@@ -48,6 +48,14 @@ def _exact_sequence_probs(cfg, params, n, prompt=PROMPT, temperature=1.0):
     return np.exp(np.sum(steps, axis=0))
 
 
+def _large_sample(params, cfg, prompts, seed, chunks=4, **kw):
+    """speculative_generate over `prompts` in `chunks` equal calls (keys seed, seed + 1, ...), pooled: one call of
+    20000 rows peaks at ~7.5 GB here (two such tests on the two xdist workers at once ran near the 24 GB)."""
+    size = len(prompts) // chunks
+    return combine_rollouts([speculative_generate(params, cfg, prompts[i * size:(i + 1) * size],
+                                                  jax.random.key(seed + i), **kw) for i in range(chunks)])
+
+
 def _chisquare_pvalue(samples, probs):
     counts = np.bincount(samples, minlength=probs.size).astype(np.float64)
     expected = probs / probs.sum() * counts.sum()
@@ -63,8 +71,8 @@ def test_sequence_distribution_equals_plain_sampling(mode):
     """4-token continuations (V=6: 1296 sequences) of speculative decoding, K=2, fit the exact joint law."""
     cfg, params, mtp, mtp_params = _tiny(vocab=6, scale=5.0)
     n, rows = 4, 20000
-    r = speculative_generate(params, cfg, [PROMPT] * rows, jax.random.key(11), mtp_params=mtp_params, mtp_cfg=mtp,
-                             mode=mode, num_draft=2, max_new_tokens=n, temperature=1.0)
+    r = _large_sample(params, cfg, [PROMPT] * rows, 11, mtp_params=mtp_params, mtp_cfg=mtp, mode=mode, num_draft=2,
+                      max_new_tokens=n, temperature=1.0)
     assert (r.num_tokens == n).all()
     assert r.metrics(2)["draft_acceptance_rate"] > 0.02  # the drafts do get accepted, so the verify path is exercised
     index = r.tokens @ (cfg.vocab_size ** np.arange(n - 1, -1, -1))
@@ -76,8 +84,8 @@ def test_sequence_distribution_is_exact_at_t07_with_mixed_prompt_lengths():
     (V=6: 216 sequences) fit its own exact joint law, so padding, positions and per-row caches are right."""
     cfg, params, mtp, mtp_params = _tiny(vocab=6, scale=4.0, mtp_steps=3)
     long_prompt, n, rows = [5, 4, 0, 1, 2, 3, 4], 3, 8000
-    r = speculative_generate(params, cfg, [PROMPT, long_prompt] * rows, jax.random.key(3), mtp_params=mtp_params,
-                             mtp_cfg=mtp, mode="rejection", num_draft=3, max_new_tokens=n, temperature=0.7)
+    r = _large_sample(params, cfg, [PROMPT, long_prompt] * rows, 3, mtp_params=mtp_params, mtp_cfg=mtp,
+                      mode="rejection", num_draft=3, max_new_tokens=n, temperature=0.7)  # chunks of even size
     assert r.metrics(3)["draft_acceptance_rate"] > 0.02
     index = r.tokens @ (cfg.vocab_size ** np.arange(n - 1, -1, -1))
     for i, prompt in enumerate((PROMPT, long_prompt)):
@@ -90,8 +98,7 @@ def test_sequence_distribution_is_exact_at_t07_with_mixed_prompt_lengths():
 def test_a_biased_engine_fails_the_same_check():
     """The check has power: plain sampling at T=0.8 is rejected as a sample of the T=1 law."""
     cfg, params, _, _ = _tiny(vocab=6, scale=5.0)
-    r = speculative_generate(params, cfg, [PROMPT] * 20000, jax.random.key(11), mode="none", max_new_tokens=4,
-                             temperature=0.8)
+    r = _large_sample(params, cfg, [PROMPT] * 20000, 11, mode="none", max_new_tokens=4, temperature=0.8)
     index = r.tokens @ (cfg.vocab_size ** np.arange(3, -1, -1))
     assert _chisquare_pvalue(index, _exact_sequence_probs(cfg, params, 4)) < 1e-3
 
